@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh Debian 12 machine, run as root by `make run` and `make test`:
+# Debian packages, a virtualenv on Debian's python3 (which carries libseccomp's Python bindings),
+# and an editable install of cocon. A second run with nothing to do takes about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: cocon manages namespaces, cgroups and mounts and must be set up as root (try: sudo make $*)" >&2
+    exit 1
+fi
+
+# Everything cocon and its tests use from Debian, one package per line in scripts/apt-packages.txt.
+mapfile -t packages < <(grep -vE '^\s*(#|$)' scripts/apt-packages.txt)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The virtualenv uses Debian's interpreter so that python3-seccomp (libseccomp's own bindings) is
+# importable; everything else comes from PyPI, pinned by pyproject.toml.
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating virtualenv $venv"
+    /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$venv/.cocon-installed" 2>/dev/null)" != "$stamp" ]; then
+    echo "setup: installing cocon and its Python dependencies into $venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    "$venv/bin/python" -m pip install -q -e '.[dev]'
+    echo "$stamp" > "$venv/.cocon-installed"
+fi
