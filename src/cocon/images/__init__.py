@@ -1,0 +1,1 @@
+"""Images: references, manifests, import/export, layer application, builds, and base images."""

@@ -1,0 +1,344 @@
+"""`cocon-runtime`: an OCI runtime with runc's command line, for podman, containerd, conmon or users.
+
+Exit codes follow runc: 0 on success, 1 on any error (with a message on stderr, and in --log when
+given), and for `run`/`exec` in the foreground the process's own exit status (128+N for signal N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+from cocon import __version__
+from cocon.runtime.errors import RuntimeFailure
+
+SPEC_VERSION = "1.2.0"
+
+
+class _Log:
+    """Where errors and debug lines go: stderr always, plus --log in text or json."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.format = "text"
+        self.debug = False
+
+    def write(self, level: str, msg: str) -> None:
+        if self.path is None:
+            return
+        from cocon.runtime.state import now_rfc3339
+
+        if self.format == "json":
+            line = json.dumps({"level": level, "msg": msg, "time": now_rfc3339()})
+        else:
+            line = f'time="{now_rfc3339()}" level={level} msg={json.dumps(msg)}'
+        try:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+
+
+LOG = _Log()
+
+
+def fail(msg: str) -> NoReturn:
+    LOG.write("error", msg)
+    print(f"cocon-runtime: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cocon-runtime",
+        description="cocon's OCI runtime: runs containers from OCI bundles, with runc's command line.",
+    )
+    p.add_argument(
+        "--root",
+        default=os.environ.get("COCON_RUNTIME_ROOT", "/run/cocon-runtime"),
+        help="directory holding container state (default: /run/cocon-runtime)",
+    )
+    p.add_argument("--log", help="also write errors to this file")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="format of --log")
+    p.add_argument("--debug", action="store_true", help="log debug output")
+    p.add_argument(
+        "--systemd-cgroup",
+        action="store_true",
+        help="use systemd to manage cgroups (not supported yet: an error)",
+    )
+    p.add_argument("--rootless", default="false", help="accepted for runc compatibility; ignored")
+    p.add_argument("--criu", help=argparse.SUPPRESS)
+    p.add_argument(
+        "-v",
+        "--version",
+        action="version",
+        version=f"cocon-runtime version {__version__}\nspec: {SPEC_VERSION}",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def container_id(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("id", metavar="CONTAINER_ID", help="the container's unique id")
+
+    def create_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-b", "--bundle", default=".", help="path to the OCI bundle (default: .)")
+        sp.add_argument("--console-socket", help="unix socket that receives the pty master of a terminal")
+        sp.add_argument("--pid-file", help="write the container's pid to this file")
+        sp.add_argument("--no-pivot", action="store_true", help="not supported: cocon always uses pivot_root")
+        sp.add_argument("--no-new-keyring", action="store_true", help="keep the caller's session keyring")
+        sp.add_argument("--preserve-fds", type=int, default=0, help="pass N extra fds (3..3+N-1)")
+        container_id(sp)
+
+    sp = sub.add_parser("create", help="create a container (its process waits for `start`)")
+    create_flags(sp)
+    sp = sub.add_parser("run", help="create and start a container; wait for it unless --detach")
+    sp.add_argument("-d", "--detach", action="store_true", help="return once the container runs")
+    sp.add_argument("--keep", action="store_true", help="do not delete the container after it exits")
+    create_flags(sp)
+    sp = sub.add_parser("start", help="run the user process of a created container")
+    container_id(sp)
+    sp = sub.add_parser("state", help="print the state of a container as JSON")
+    container_id(sp)
+    sp = sub.add_parser("kill", help="send a signal (default SIGTERM) to the container's init")
+    sp.add_argument("-a", "--all", action="store_true", help="signal every process in the container")
+    container_id(sp)
+    sp.add_argument("signal", nargs="?", default="SIGTERM", help="name or number (default SIGTERM)")
+    sp = sub.add_parser("delete", help="delete a container and everything it holds")
+    sp.add_argument("-f", "--force", action="store_true", help="kill it first if it is still running")
+    container_id(sp)
+    sp = sub.add_parser("pause", help="freeze every process of a container")
+    container_id(sp)
+    sp = sub.add_parser("resume", help="thaw a paused container")
+    container_id(sp)
+    sp = sub.add_parser("ps", help="list the processes of a container")
+    sp.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    container_id(sp)
+    sp.add_argument("ps_args", nargs=argparse.REMAINDER, help="options for ps(1) (default -ef)")
+    sp = sub.add_parser("list", help="list containers")
+    sp.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print only ids")
+    sp = sub.add_parser("exec", help="run a new process inside a running container")
+    sp.add_argument("-p", "--process", help="path to a process.json (runtime-spec `process`)")
+    sp.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    sp.add_argument("--cwd", help="working directory in the container")
+    sp.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE to add (repeatable)")
+    sp.add_argument("-u", "--user", help="UID[:GID] to run as")
+    sp.add_argument("-g", "--additional-gids", action="append", type=int, default=[], help="extra group")
+    sp.add_argument("-c", "--cap", action="append", default=[], help="add a capability (repeatable)")
+    sp.add_argument("--no-new-privs", action="store_true", help="set no_new_privs")
+    sp.add_argument("-d", "--detach", action="store_true", help="do not wait for the process")
+    sp.add_argument("--pid-file", help="write the process's pid to this file")
+    sp.add_argument("--console-socket", help="unix socket that receives the pty master")
+    sp.add_argument("--preserve-fds", type=int, default=0, help="pass N extra fds (3..3+N-1)")
+    sp.add_argument("--apparmor", help=argparse.SUPPRESS)
+    sp.add_argument("--process-label", help=argparse.SUPPRESS)
+    container_id(sp)
+    sp.add_argument("args", nargs=argparse.REMAINDER, help="command and arguments (without --process)")
+    sp = sub.add_parser("spec", help="write a starter config.json")
+    sp.add_argument("-b", "--bundle", default=".", help="directory to write config.json into")
+    sp.add_argument("--rootless", action="store_true", help="a config for an unprivileged user namespace")
+    sub.add_parser("features", help="print what this runtime supports (runtime-spec features JSON)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    LOG.path, LOG.format, LOG.debug = args.log, args.log_format, args.debug
+    if args.systemd_cgroup:
+        fail(
+            "--systemd-cgroup is not supported yet: use cgroupfs paths (e.g. podman --cgroup-manager=cgroupfs)"
+        )
+    try:
+        return dispatch(args)
+    except RuntimeFailure as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one clear line, not a traceback
+        if args.debug:
+            raise
+        from cocon.oci.errors import OCIError
+
+        if isinstance(exc, OCIError):
+            fail(str(exc))
+        fail(f"{type(exc).__name__}: {exc}")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from cocon.runtime.container import Runtime, parse_signal
+
+    cmd = args.command
+    if cmd == "spec":
+        from cocon.runtime.defaults import write_spec
+
+        write_spec(args.bundle, rootless=args.rootless)
+        return 0
+    if cmd == "features":
+        from cocon.runtime.defaults import features
+
+        print(json.dumps(features(), indent=2))
+        return 0
+    rt = Runtime(args.root)
+    if cmd in ("create", "run"):
+        if args.no_pivot:
+            raise RuntimeFailure("--no-pivot is not supported: cocon-runtime always uses pivot_root")
+        if args.preserve_fds < 0:
+            raise RuntimeFailure("--preserve-fds must be >= 0")
+        if cmd == "create":
+            rt.create(
+                args.id,
+                args.bundle,
+                pid_file=args.pid_file,
+                console_socket=args.console_socket,
+                preserve_fds=args.preserve_fds,
+                new_keyring=not args.no_new_keyring,
+            )
+            return 0
+        return rt.run(
+            args.id,
+            args.bundle,
+            detach=args.detach,
+            keep=args.keep,
+            pid_file=args.pid_file,
+            console_socket=args.console_socket,
+            preserve_fds=args.preserve_fds,
+            new_keyring=not args.no_new_keyring,
+        )
+    if cmd == "start":
+        rt.start(args.id)
+    elif cmd == "state":
+        print(json.dumps(rt.state(args.id), indent=2))
+    elif cmd == "kill":
+        rt.kill(args.id, parse_signal(args.signal), all_processes=args.all)
+    elif cmd == "delete":
+        rt.delete(args.id, force=args.force)
+    elif cmd == "pause":
+        rt.pause(args.id)
+    elif cmd == "resume":
+        rt.resume(args.id)
+    elif cmd == "ps":
+        return _ps(rt, args)
+    elif cmd == "list":
+        _list(rt, args)
+    elif cmd == "exec":
+        return _exec(rt, args)
+    return 0
+
+
+def _ps(rt: Any, args: argparse.Namespace) -> int:
+    pids = rt.pids(args.id)
+    if args.format == "json":
+        print(json.dumps(pids))
+        return 0
+    import subprocess
+
+    ps_args = [a for a in args.ps_args if a != "--"] or ["-ef"]
+    out = subprocess.run(["ps", *ps_args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeFailure(f"ps {' '.join(ps_args)} failed: {out.stderr.strip()}")
+    lines = out.stdout.splitlines()
+    if not lines:
+        return 0
+    header, rows = lines[0], lines[1:]
+    cols = header.split()
+    if "PID" not in cols:
+        raise RuntimeFailure("ps output has no PID column; pass options that print one")
+    idx = cols.index("PID")
+    wanted = set(pids)
+    print(header)
+    for row in rows:
+        fields = row.split()
+        if len(fields) > idx and fields[idx].isdigit() and int(fields[idx]) in wanted:
+            print(row)
+    return 0
+
+
+def _list(rt: Any, args: argparse.Namespace) -> None:
+    states = rt.list()
+    if args.quiet:
+        for s in states:
+            print(s["id"])
+    elif args.format == "json":
+        print(json.dumps(states))
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]) for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _exec(rt: Any, args: argparse.Namespace) -> int:
+    import msgspec
+
+    from cocon.oci.errors import ConfigError
+    from cocon.oci.runtime_spec import Capabilities, Process, User, validate_process
+
+    if args.process:
+        try:
+            with open(args.process, "rb") as f:
+                proc = msgspec.json.decode(f.read(), type=Process)
+        except FileNotFoundError:
+            raise RuntimeFailure(f"--process {args.process}: no such file") from None
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{args.process}: invalid process: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{args.process}: not valid JSON: {exc}") from None
+        validate_process(proc, args.process)
+    else:
+        cmd = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
+        if not cmd:
+            raise RuntimeFailure(
+                "exec needs a command: cocon-runtime exec ID COMMAND [ARG...] (or --process)"
+            )
+        base = rt.load_spec(args.id).process or Process(args=["sh"])
+        env = list(base.env or [])
+        for e in args.env:
+            if "=" not in e:
+                raise RuntimeFailure(f"--env {e!r}: use KEY=VALUE")
+            key = e.split("=", 1)[0] + "="
+            env = [x for x in env if not x.startswith(key)] + [e]
+        user = User(uid=base.user.uid, gid=base.user.gid, additional_gids=base.user.additional_gids)
+        if args.user:
+            uid, _, gid = args.user.partition(":")
+            if not uid.isdigit() or (gid and not gid.isdigit()):
+                raise RuntimeFailure(f"--user {args.user!r}: use numeric UID[:GID]")
+            user = User(uid=int(uid), gid=int(gid) if gid else 0)
+        if args.additional_gids:
+            user.additional_gids = args.additional_gids
+        caps = base.capabilities or Capabilities()
+        if args.cap:
+            caps = Capabilities(
+                bounding=sorted({*(caps.bounding or []), *args.cap}),
+                effective=sorted({*(caps.effective or []), *args.cap}),
+                permitted=sorted({*(caps.permitted or []), *args.cap}),
+                inheritable=caps.inheritable,
+                ambient=caps.ambient,
+            )
+        proc = Process(
+            args=cmd,
+            env=env,
+            cwd=args.cwd or base.cwd,
+            terminal=args.tty,
+            user=user,
+            capabilities=caps,
+            rlimits=base.rlimits,
+            no_new_privileges=args.no_new_privs or base.no_new_privileges,
+            oom_score_adj=base.oom_score_adj,
+        )
+    return int(
+        rt.exec(
+            args.id,
+            proc,
+            detach=args.detach,
+            pid_file=args.pid_file,
+            console_socket=args.console_socket,
+            preserve_fds=args.preserve_fds,
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

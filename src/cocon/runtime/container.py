@@ -1,0 +1,573 @@
+"""Container lifecycle operations behind the cocon-runtime commands (runc's semantics).
+
+create → created → start → running ⇄ paused → stopped → delete. Each operation takes the container's
+lock, reads its state, checks the transition, and leaves nothing behind when it fails.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from cocon.runtime import linux as L
+from cocon.runtime.errors import ContainerExists, ContainerNotFound, InvalidState, RuntimeFailure
+from cocon.runtime.state import (
+    ContainerState,
+    StateDir,
+    current_status,
+    now_rfc3339,
+    process_start_time,
+    validate_id,
+)
+
+if TYPE_CHECKING:
+    from cocon.oci.runtime_spec import Process, Spec
+    from cocon.runtime.cgroups import Cgroup
+
+DEFAULT_ROOT = "/run/cocon-runtime"
+
+
+class Runtime:
+    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+        self.root = root
+
+    # -- lookups ----------------------------------------------------------------------------
+    def _dir(self, container_id: str) -> StateDir:
+        validate_id(container_id)
+        return StateDir(self.root, container_id)
+
+    def _load(self, container_id: str) -> tuple[StateDir, int, ContainerState, str]:
+        sd = self._dir(container_id)
+        lock = sd.lock()
+        try:
+            state = sd.load()
+        except BaseException:
+            os.close(lock)
+            raise
+        return sd, lock, state, current_status(sd, state)
+
+    def state(self, container_id: str) -> dict[str, Any]:
+        sd, lock, state, status = self._load(container_id)
+        os.close(lock)
+        return state.to_runc_state(status)
+
+    def list(self) -> list[dict[str, Any]]:
+        out = []
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        for name in names:
+            try:
+                out.append(self.state(name))
+            except RuntimeFailure:
+                continue
+        return out
+
+    # -- create / start / run ---------------------------------------------------------------------
+    def create(
+        self,
+        container_id: str,
+        bundle: str,
+        *,
+        pid_file: str | None = None,
+        console_socket: str | None = None,
+        preserve_fds: int = 0,
+        new_keyring: bool = True,
+        foreground: bool = False,
+    ) -> tuple[ContainerState, int]:
+        """Create the container; return its state and the pty master (-1 without a terminal, or when
+        it was handed to the console socket)."""
+        from cocon.oci.runtime_spec import load_config
+        from cocon.runtime import process
+
+        validate_id(container_id)
+        bundle = os.path.abspath(bundle)
+        spec = load_config(os.path.join(bundle, "config.json"))
+        proc = spec.process
+        if proc is None:
+            raise RuntimeFailure(f"{bundle}/config.json: process: is required to create a container")
+        assert spec.root is not None
+        rootfs = os.path.normpath(os.path.join(bundle, spec.root.path))
+        if not os.path.isdir(rootfs):
+            raise RuntimeFailure(f"root.path: rootfs {rootfs} does not exist or is not a directory")
+        process.check_rlimits(proc.rlimits)
+        if proc.terminal and console_socket is None and not foreground:
+            raise RuntimeFailure(
+                "process.terminal is true: pass --console-socket to receive the terminal (or set it false)"
+            )
+        if console_socket is not None and not proc.terminal:
+            raise RuntimeFailure("--console-socket needs process.terminal: true in config.json")
+        console_sock = None
+        if console_socket is not None:
+            from cocon.runtime import console
+
+            console_sock = console.connect_console_socket(console_socket)
+        sd = StateDir(self.root, container_id)
+        try:
+            sd.make()
+        except FileExistsError:
+            if console_sock:
+                console_sock.close()
+            raise ContainerExists(f"container {container_id!r} already exists; pick another id") from None
+        lock = sd.lock()
+        state = ContainerState(
+            id=container_id,
+            bundle=bundle,
+            rootfs=rootfs,
+            created=now_rfc3339(),
+            owner=_user_name(os.getuid()),
+            annotations=dict(spec.annotations or {}),
+            creator_pid=os.getpid(),
+        )
+        cgroup: Cgroup | None = None
+        init_pid = 0
+        try:
+            sd.save(state)
+            with open(os.path.join(bundle, "config.json"), "rb") as src, open(sd.config_copy, "wb") as dst:
+                dst.write(src.read())
+            master, init_pid, cgroup = self._spawn_init(
+                spec, sd, state, bundle, rootfs, preserve_fds, new_keyring
+            )
+            if master >= 0 and console_sock is not None:
+                from cocon.runtime import console
+
+                console.send_console(console_sock, master, "/dev/ptmx")
+                os.close(master)
+                master = -1
+            state.status = "created"
+            sd.save(state)
+            if pid_file:
+                _write_pid_file(pid_file, init_pid)
+        except BaseException:
+            _destroy(init_pid, cgroup)
+            sd.remove()
+            raise
+        finally:
+            if console_sock:
+                console_sock.close()
+            os.close(lock)
+        return state, master
+
+    def _spawn_init(
+        self,
+        spec: Spec,
+        sd: StateDir,
+        state: ContainerState,
+        bundle: str,
+        rootfs: str,
+        preserve_fds: int,
+        new_keyring: bool,
+    ) -> tuple[int, int, Cgroup | None]:
+        from cocon.runtime import hooks, process, spawn
+        from cocon.runtime.cgroups import open_cgroup
+
+        linux = spec.linux
+        assert linux is not None
+        cgroup = open_cgroup(linux.cgroups_path, state.id)
+        cgroup.create(linux.resources)
+        state.cgroup = cgroup.to_state()
+        init_pid = 0
+        try:
+            old_umask = os.umask(0)
+            try:
+                os.mkfifo(sd.fifo, 0o622)
+            finally:
+                os.umask(old_umask)
+            plan = spawn.plan_namespaces(spec)
+            assert spec.process is not None
+            process.preload(spec.process, linux.seccomp)
+            cfg = spawn.InitConfig(
+                spec=spec,
+                bundle=bundle,
+                rootfs=rootfs,
+                plan=plan,
+                cgroup=cgroup,
+                preserve_fds=preserve_fds,
+                new_keyring=new_keyring,
+                container_id=state.id,
+            )
+            L.prctl(L.PR_SET_DUMPABLE, 0)
+            init_pid, sock = spawn.staged_fork(
+                plan, cgroup, partial(spawn.init_main, cfg), "create", preserve_fds
+            )
+            with sock:
+                spawn.recv(sock, "mounted", "create")
+                state.pid = init_pid
+                state.pid_start_time = process_start_time(init_pid) or 0
+                oci_state = state.to_oci("creating")
+                oci_state["pid"] = init_pid
+                if spec.hooks:
+                    hooks.run_hooks("prestart", spec.hooks.prestart, oci_state)
+                    hooks.run_hooks("createRuntime", spec.hooks.create_runtime, oci_state)
+                fifo_fd = os.open(sd.fifo, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    spawn.send(sock, "state", fds=[fifo_fd], state=oci_state)
+                finally:
+                    os.close(fifo_fd)
+                _, fds = spawn.recv(sock, "ready", "create")
+            return (fds[0] if fds else -1), init_pid, cgroup
+        except BaseException:
+            _destroy(init_pid, cgroup)
+            raise
+
+    def start(self, container_id: str) -> None:
+        from cocon.runtime import hooks
+        from cocon.oci.runtime_spec import load_config
+
+        sd, lock, state, status = self._load(container_id)
+        try:
+            if status != "created":
+                raise InvalidState(
+                    f"cannot start container {container_id!r}: it is {status}; only a created container "
+                    "can be started"
+                )
+            _release_init(sd.fifo, state.pid)
+            os.unlink(sd.fifo)
+            state.status = "running"
+            sd.save(state)
+            spec = load_config(sd.config_copy)
+            if spec.hooks and spec.hooks.poststart:
+                hooks.run_hooks("poststart", spec.hooks.poststart, state.to_oci("running"), fatal=False)
+        finally:
+            os.close(lock)
+
+    def run(
+        self,
+        container_id: str,
+        bundle: str,
+        *,
+        detach: bool = False,
+        keep: bool = False,
+        pid_file: str | None = None,
+        console_socket: str | None = None,
+        preserve_fds: int = 0,
+        new_keyring: bool = True,
+    ) -> int:
+        """create + start; in the foreground, wait and return the exit status (128+N for signal N)."""
+        if not detach:
+            L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
+        state, master = self.create(
+            container_id,
+            bundle,
+            pid_file=pid_file,
+            console_socket=console_socket,
+            preserve_fds=preserve_fds,
+            new_keyring=new_keyring,
+            foreground=not detach,
+        )
+        if detach:
+            self.start(container_id)
+            return 0
+        forward = _forward_signals(state.pid)
+        try:
+            self.start(container_id)
+            if master >= 0:
+                from cocon.runtime import console
+
+                console.relay(master)
+            status = _wait_child(state.pid)
+        except BaseException:
+            self.delete(container_id, force=True)
+            raise
+        finally:
+            _restore_signals(forward)
+            if master >= 0:
+                os.close(master)
+        if not keep:
+            self.delete(container_id, force=True)
+        return status
+
+    # -- signals and pause ------------------------------------------------------------------------
+    def kill(self, container_id: str, sig: int, all_processes: bool = False) -> None:
+        sd, lock, state, status = self._load(container_id)
+        try:
+            if status == "stopped" and not all_processes:
+                raise InvalidState(f"cannot kill container {container_id!r}: it is not running")
+            if all_processes:
+                _cgroup(state).kill_all(sig)
+            else:
+                os.kill(state.pid, sig)
+        except ProcessLookupError:
+            raise InvalidState(f"cannot kill container {container_id!r}: it is not running") from None
+        finally:
+            os.close(lock)
+
+    def pause(self, container_id: str) -> None:
+        sd, lock, state, status = self._load(container_id)
+        try:
+            if status != "running":
+                raise InvalidState(f"cannot pause container {container_id!r}: it is {status}, not running")
+            _cgroup(state).freeze()
+        finally:
+            os.close(lock)
+
+    def resume(self, container_id: str) -> None:
+        sd, lock, state, status = self._load(container_id)
+        try:
+            if status != "paused":
+                raise InvalidState(f"cannot resume container {container_id!r}: it is {status}, not paused")
+            _cgroup(state).thaw()
+        finally:
+            os.close(lock)
+
+    def pids(self, container_id: str) -> list[int]:
+        sd, lock, state, status = self._load(container_id)
+        try:
+            return sorted(_cgroup(state).pids()) if state.cgroup else []
+        finally:
+            os.close(lock)
+
+    # -- delete --------------------------------------------------------------------------------
+    def delete(self, container_id: str, force: bool = False) -> None:
+        from cocon.oci.errors import ConfigError
+        from cocon.oci.runtime_spec import load_config
+        from cocon.runtime import hooks
+
+        sd = self._dir(container_id)
+        try:
+            sd, lock, state, status = self._load(container_id)
+        except ContainerNotFound:
+            if force:
+                return
+            raise
+        try:
+            if status in ("running", "paused", "creating") and not force:
+                raise InvalidState(
+                    f"cannot delete container {container_id!r}: it is {status}; stop it first (kill) or "
+                    "use delete --force"
+                )
+            cgroup = _cgroup(state) if state.cgroup else None
+            if status == "paused" and cgroup is not None:
+                cgroup.thaw()
+            _destroy(state.pid if status != "stopped" else 0, cgroup, state.pid_start_time)
+            try:
+                spec = load_config(sd.config_copy)
+            except ConfigError:
+                spec = None
+            if spec is not None and spec.hooks and spec.hooks.poststop:
+                hooks.run_hooks("poststop", spec.hooks.poststop, state.to_oci("stopped"), fatal=False)
+            sd.remove()
+        finally:
+            os.close(lock)
+
+    # -- exec ----------------------------------------------------------------------------------
+    def load_spec(self, container_id: str) -> Spec:
+        from cocon.oci.runtime_spec import load_config
+
+        return load_config(self._dir(container_id).config_copy)
+
+    def exec(
+        self,
+        container_id: str,
+        proc: Process,
+        *,
+        detach: bool = False,
+        pid_file: str | None = None,
+        console_socket: str | None = None,
+        preserve_fds: int = 0,
+    ) -> int:
+        from cocon.runtime import process, spawn
+
+        sd, lock, state, status = self._load(container_id)
+        try:
+            if status not in ("running", "created"):
+                raise InvalidState(f"cannot exec in container {container_id!r}: it is {status}")
+            spec = self.load_spec(container_id)
+            process.check_rlimits(proc.rlimits)
+            if proc.terminal and console_socket is None and detach:
+                raise RuntimeFailure("--tty with --detach needs --console-socket to receive the terminal")
+            console_sock = None
+            if console_socket is not None:
+                from cocon.runtime import console
+
+                console_sock = console.connect_console_socket(console_socket)
+            plan = spawn.plan_exec_namespaces(state.pid)
+            process.preload(proc, spec.linux.seccomp if spec.linux else None)
+            cfg = spawn.ExecConfig(
+                process=proc,
+                seccomp=spec.linux.seccomp if spec.linux else None,
+                in_userns=plan.in_userns,
+                preserve_fds=preserve_fds,
+            )
+            if not detach:
+                L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
+            L.prctl(L.PR_SET_DUMPABLE, 0)
+            cgroup = _cgroup(state) if state.cgroup else None
+            pid, sock = spawn.staged_fork(plan, cgroup, partial(spawn.exec_main, cfg), "exec", preserve_fds)
+            with sock:
+                try:
+                    _, fds = spawn.recv(sock, "ready", "exec")
+                except BaseException:
+                    _kill_wait(pid)
+                    raise
+            master = fds[0] if fds else -1
+            if master >= 0 and console_sock is not None:
+                from cocon.runtime import console
+
+                console.send_console(console_sock, master, "/dev/ptmx")
+                os.close(master)
+                master = -1
+            if console_sock is not None:
+                console_sock.close()
+            if pid_file:
+                _write_pid_file(pid_file, pid)
+        finally:
+            os.close(lock)
+        if detach:
+            return 0
+        forward = _forward_signals(pid)
+        try:
+            if master >= 0:
+                from cocon.runtime import console
+
+                console.relay(master)
+                os.close(master)
+            return _wait_child(pid)
+        finally:
+            _restore_signals(forward)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _cgroup(state: ContainerState) -> Cgroup:
+    from cocon.runtime.cgroups import cgroup_from_state
+
+    return cgroup_from_state(state.cgroup)
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(pid))
+    os.rename(tmp, path)
+
+
+def _release_init(fifo: str, init_pid: int) -> None:
+    """Open the exec FIFO for reading, which lets the init's blocked open() go on, and read its byte."""
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    pidfd = os.pidfd_open(init_pid)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(pidfd, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if fd in events:
+                if os.read(fd, 1) == b"0":
+                    return
+            if pidfd in events or (fd in events and events[fd] & select.POLLHUP):
+                raise RuntimeFailure("the container's init exited before it could be started")
+    finally:
+        os.close(fd)
+        os.close(pidfd)
+
+
+def _wait_gone(pid: int, start_time: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while process_start_time(pid) == start_time:
+        if time.monotonic() > deadline:
+            raise RuntimeFailure(f"process {pid} did not exit after SIGKILL")
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.002)
+
+
+def _kill_wait(pid: int) -> None:
+    start = process_start_time(pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if start is not None:
+        _wait_gone(pid, start)
+
+
+def _destroy(init_pid: int, cgroup: Cgroup | None, start_time: int | None = None) -> None:
+    """Kill the container's processes and remove its cgroup; tolerant of parts already gone."""
+    if init_pid > 0:
+        st = process_start_time(init_pid)
+        if st is not None and (start_time is None or start_time == 0 or st == start_time):
+            try:
+                os.kill(init_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_gone(init_pid, st)
+    if cgroup is not None:
+        try:
+            for _ in range(100):
+                pids = cgroup.pids()
+                if not pids:
+                    break
+                cgroup.kill_all(signal.SIGKILL)
+                for pid in pids:
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+                time.sleep(0.005)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        cgroup.destroy()
+
+
+def _wait_child(pid: int) -> int:
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return 255
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _forward_signals(pid: int) -> dict[int, Any]:
+    def forward(sig: int, _frame: object) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    return {sig: signal.signal(sig, forward) for sig in _FORWARDED}
+
+
+def _restore_signals(saved: dict[int, Any]) -> None:
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def parse_signal(value: str) -> int:
+    """`KILL`, `SIGKILL` or `9`."""
+    if value.isdigit():
+        num = int(value)
+        if 0 < num < signal.NSIG:
+            return num
+    else:
+        name = value.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
+        if sig is not None:
+            return int(sig)
+    raise RuntimeFailure(f"unknown signal {value!r}: use a name like TERM or SIGKILL, or a number")

@@ -1,0 +1,60 @@
+"""Fixtures shared by every test: a busybox rootfs, per-test runtime roots, and their clean-up."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from runtime_helpers import (  # noqa: E402
+    TEST_CGROUP_PARENT,
+    Bundle,
+    RuntimeCLI,
+    leftover_cgroup_dirs,
+    make_bundle,
+)
+
+from cocon.images.busybox import make_rootfs  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = str(tmp_path_factory.mktemp("busybox") / "rootfs")
+    make_rootfs(path)
+    return path
+
+
+@pytest.fixture
+def runtime(tmp_path: os.PathLike[str]) -> Iterator[RuntimeCLI]:
+    rt = RuntimeCLI(root=os.path.join(str(tmp_path), "state"))
+    yield rt
+    rt.cleanup()
+
+
+@pytest.fixture
+def bundle(tmp_path: os.PathLike[str], busybox_rootfs: str, runtime: RuntimeCLI):  # type: ignore[no-untyped-def]
+    """Factory: bundle(*args, terminal=False, edit=fn) -> Bundle for a busybox container."""
+    made: list[Bundle] = []
+
+    def factory(*args: str, **kw: object) -> Bundle:
+        b = make_bundle(str(tmp_path), busybox_rootfs, runtime, *args, **kw)  # type: ignore[arg-type]
+        made.append(b)
+        return b
+
+    yield factory
+    runtime.cleanup()
+    for b in made:
+        assert leftover_cgroup_dirs(b.cgroups_path) == [], f"cgroup of {b.id} left behind"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # The shared parent of test cgroups goes once every test container is gone.
+    for d in leftover_cgroup_dirs(TEST_CGROUP_PARENT):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
