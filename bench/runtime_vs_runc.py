@@ -19,9 +19,9 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from cocon.images.busybox import make_rootfs  # noqa: E402
-from cocon.oci.runtime_spec import encode_config  # noqa: E402
-from cocon.runtime.defaults import default_spec  # noqa: E402
+from cocon.images.busybox import make_rootfs
+from cocon.oci.runtime_spec import encode_config
+from cocon.runtime.defaults import default_spec
 
 COCON_RUNTIME = os.path.join(os.path.dirname(sys.executable), "cocon-runtime")
 
@@ -63,7 +63,7 @@ def main() -> int:
                                f"bench-{uuid.uuid4().hex[:8]}"],
         }  # fmt: skip
         times: dict[str, list[float]] = {name: [] for name in tools}
-        for name, cmd in tools.items():  # warm-up: page cache, .pyc files
+        for cmd in tools.values():  # warm-up: page cache, .pyc files
             for i in range(3):
                 time_run(cmd(i))
         for i in range(max(args.runs, 20)):

@@ -27,7 +27,8 @@ echo "open files limit:   $(ulimit -n)"
 if [ -d /sys/fs/cgroup/memory ]; then
   echo "memory limit:       $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes) bytes"
   echo "pids limit:         $(cat /sys/fs/cgroup/pids/pids.max)"
-  echo "cpu quota/period:   $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)/$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
+  cpu=/sys/fs/cgroup/cpu
+  echo "cpu quota/period:   $(cat $cpu/cpu.cfs_quota_us)/$(cat $cpu/cpu.cfs_period_us)"
 else
   echo "memory limit:       $(cat /sys/fs/cgroup/memory.max) bytes"
   echo "pids limit:         $(cat /sys/fs/cgroup/pids.max)"
@@ -57,8 +58,8 @@ def main() -> int:
         with open(os.path.join(bundle, "config.json"), "wb") as f:
             f.write(encode_config(spec))
         print(f"== cocon-runtime run {cid}  (bundle: busybox-static, 128 MiB, 64 pids, half a CPU)")
-        proc = subprocess.run([runtime, "--root", os.path.join(base, "state"), "run", "--bundle", bundle, cid],
-                              check=False)  # fmt: skip
+        state = os.path.join(base, "state")
+        proc = subprocess.run([runtime, "--root", state, "run", "--bundle", bundle, cid], check=False)
         print(f"== exit status {proc.returncode}")
         return proc.returncode
     finally:

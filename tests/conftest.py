@@ -10,15 +10,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from runtime_helpers import (  # noqa: E402
+from cocon.images.busybox import make_rootfs
+from runtime_helpers import (
     TEST_CGROUP_PARENT,
     Bundle,
     RuntimeCLI,
     leftover_cgroup_dirs,
     make_bundle,
 )
-
-from cocon.images.busybox import make_rootfs  # noqa: E402
 
 
 @pytest.fixture(scope="session")

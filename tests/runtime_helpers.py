@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,14 +35,21 @@ class RuntimeCLI:
     def __call__(
         self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [COCON_RUNTIME, "--root", self.root, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=input,
-            **kw,
-        )
+        # Files, not pipes: a detached container keeps the stdio it inherited, and reading a pipe to
+        # its end would wait for the container to exit.
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.run(
+                [COCON_RUNTIME, "--root", self.root, *args],
+                stdout=out,
+                stderr=err,
+                text=True,
+                timeout=timeout,
+                input=input,
+                **kw,
+            )
+            out.seek(0)
+            err.seek(0)
+            proc.stdout, proc.stderr = out.read(), err.read()
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"cocon-runtime {' '.join(args)} exited {proc.returncode}\n"

@@ -11,9 +11,9 @@ import threading
 import time
 
 import pytest
-from runtime_helpers import BundleFactory, RuntimeCLI, host_mounts_mentioning, leftover_cgroup_dirs
 
 from cocon.oci.runtime_spec import Hook, Hooks, Spec
+from runtime_helpers import BundleFactory, RuntimeCLI, host_mounts_mentioning, leftover_cgroup_dirs
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -73,7 +73,7 @@ def test_wrong_transitions_are_refused(runtime: RuntimeCLI, bundle: BundleFactor
 
 
 def test_pause_resume_and_ps(runtime: RuntimeCLI, bundle: BundleFactory) -> None:
-    b = bundle("sh", "-c", "sleep 1000 & sleep 1000")
+    b = bundle("sh", "-c", "sleep 1000 & sleep 1000 & wait")
     runtime("run", "--detach", "--bundle", b.path, b.id)
     wait_for(lambda: len(json.loads(runtime("ps", "--format", "json", b.id).stdout)) == 3)
     pids = json.loads(runtime("ps", "--format", "json", b.id).stdout)
@@ -132,7 +132,9 @@ def hook_spec(record_dir: str) -> dict[str, list[Hook]]:
         "poststop",
     ):
         script = f"cat > {record_dir}/{kind}.json; echo $0 > {record_dir}/{kind}.arg0"
-        hooks[kind] = [Hook(path="/bin/sh", args=["hook-" + kind, "-c", script], env=["HOOK=1"])]
+        # startContainer runs the container's busybox sh, which needs argv[0] to name the applet
+        arg0 = "sh" if kind == "start_container" else "hook-" + kind
+        hooks[kind] = [Hook(path="/bin/sh", args=[arg0, "-c", script], env=["HOOK=1"])]
     return hooks
 
 
@@ -162,12 +164,12 @@ def test_hooks_receive_the_state(
     with open(os.path.join(record, "prestart.arg0")) as f:
         assert f.read().strip() == "hook-prestart"
     runtime("start", b.id)
-    wait_for(lambda: os.path.exists(os.path.join(record, "poststart.json")))
+    # startContainer runs in the container before its process; poststart in the runtime after `start`
+    wait_for(lambda: runtime.state(b.id)["status"] == "stopped")
     with open(os.path.join(record, "start_container.json")) as f:
         assert json.load(f)["status"] == "created"
     with open(os.path.join(record, "poststart.json")) as f:
         assert json.load(f)["status"] == "running"
-    wait_for(lambda: runtime.state(b.id)["status"] == "stopped")
     runtime("delete", b.id)
     with open(os.path.join(record, "poststop.json")) as f:
         assert json.load(f)["status"] == "stopped"

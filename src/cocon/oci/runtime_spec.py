@@ -386,9 +386,9 @@ def _validate_linux(spec: Spec, linux: Linux, source: str) -> None:
         for i, m in enumerate(maps):
             if m.size <= 0 or m.container_id < 0 or m.host_id < 0:
                 raise _fail(source, f"linux.{json_name}[{i}]", "ids must be >= 0 and size > 0")
-    if "user" in types and not any(ns.type == "user" and ns.path for ns in linux.namespaces or ()):
-        if not linux.uid_mappings or not linux.gid_mappings:
-            raise _fail(source, "linux.uidMappings", "a new user namespace needs uid and gid mappings")
+    joins_userns = any(ns.type == "user" and ns.path for ns in linux.namespaces or ())
+    if "user" in types and not joins_userns and (not linux.uid_mappings or not linux.gid_mappings):
+        raise _fail(source, "linux.uidMappings", "a new user namespace needs uid and gid mappings")
     if linux.time_offsets and "time" not in types:
         raise _fail(source, "linux.timeOffsets", "offsets need a time namespace")
     for clock in linux.time_offsets or {}:
@@ -418,9 +418,8 @@ def _validate_linux(spec: Spec, linux: Linux, source: str) -> None:
             mem = res.memory
             if mem.limit is not None and 0 <= mem.limit < 4096 * 64:
                 raise _fail(source, "linux.resources.memory.limit", f"{mem.limit} bytes is too small")
-            if mem.swap is not None and mem.limit is not None and mem.swap > 0 and 0 < mem.limit:
-                if mem.swap < mem.limit:
-                    raise _fail(source, "linux.resources.memory.swap", "memory+swap must be >= memory limit")
+            if mem.swap is not None and mem.limit is not None and 0 < mem.swap < mem.limit:
+                raise _fail(source, "linux.resources.memory.swap", "memory+swap must be >= memory limit")
         if res.cpu is not None and res.cpu.shares is not None and res.cpu.shares < 2:
             raise _fail(source, "linux.resources.cpu.shares", "must be at least 2")
     if linux.seccomp is not None:

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     LOG.path, LOG.format, LOG.debug = args.log, args.log_format, args.debug
     if args.systemd_cgroup:
         fail(
-            "--systemd-cgroup is not supported yet: use cgroupfs paths (e.g. podman --cgroup-manager=cgroupfs)"
+            "--systemd-cgroup is not supported yet: use cgroupfs paths "
+            "(e.g. podman --cgroup-manager=cgroupfs)"
         )
     try:
         return dispatch(args)
@@ -256,7 +257,7 @@ def _ps(rt: Any, args: argparse.Namespace) -> int:
 
 
 def _list(rt: Any, args: argparse.Namespace) -> None:
-    states = rt.list()
+    states = rt.list_states()
     if args.quiet:
         for s in states:
             print(s["id"])

@@ -21,17 +21,18 @@ if TYPE_CHECKING:
 
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
+TIOCGPTN = 0x80045430
 
 
 def open_pty(size: Box | None) -> tuple[int, int, str]:
     """Open /dev/ptmx (the container's devpts when called after it is mounted): master, slave, name."""
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
-    try:
+    (number,) = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))
+    name = f"/dev/pts/{number}"
+    try:  # TIOCGPTPEER opens the peer without a path lookup (Linux 4.13+)
         slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
-        name = os.readlink(f"/proc/self/fd/{slave}")
     except OSError:
-        name = os.ptsname(master)
         slave = os.open(name, os.O_RDWR | os.O_NOCTTY)
     if size is not None and size.height and size.width:
         set_size(master, size.height, size.width)

@@ -26,7 +26,7 @@ from cocon.runtime.state import (
 )
 
 if TYPE_CHECKING:
-    from cocon.oci.runtime_spec import Process, Spec
+    from cocon.oci.runtime_spec import Linux, Process, Resources, Spec
     from cocon.runtime.cgroups import Cgroup
 
 DEFAULT_ROOT = "/run/cocon-runtime"
@@ -52,11 +52,11 @@ class Runtime:
         return sd, lock, state, current_status(sd, state)
 
     def state(self, container_id: str) -> dict[str, Any]:
-        sd, lock, state, status = self._load(container_id)
+        _sd, lock, state, status = self._load(container_id)
         os.close(lock)
         return state.to_runc_state(status)
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_states(self) -> list[dict[str, Any]]:
         out = []
         try:
             names = sorted(os.listdir(self.root))
@@ -170,7 +170,7 @@ class Runtime:
         linux = spec.linux
         assert linux is not None
         cgroup = open_cgroup(linux.cgroups_path, state.id)
-        cgroup.create(linux.resources)
+        cgroup.create(with_default_device_rules(linux))
         state.cgroup = cgroup.to_state()
         init_pid = 0
         try:
@@ -217,8 +217,8 @@ class Runtime:
             raise
 
     def start(self, container_id: str) -> None:
-        from cocon.runtime import hooks
         from cocon.oci.runtime_spec import load_config
+        from cocon.runtime import hooks
 
         sd, lock, state, status = self._load(container_id)
         try:
@@ -285,7 +285,7 @@ class Runtime:
 
     # -- signals and pause ------------------------------------------------------------------------
     def kill(self, container_id: str, sig: int, all_processes: bool = False) -> None:
-        sd, lock, state, status = self._load(container_id)
+        _sd, lock, state, status = self._load(container_id)
         try:
             if status == "stopped" and not all_processes:
                 raise InvalidState(f"cannot kill container {container_id!r}: it is not running")
@@ -299,7 +299,7 @@ class Runtime:
             os.close(lock)
 
     def pause(self, container_id: str) -> None:
-        sd, lock, state, status = self._load(container_id)
+        _sd, lock, state, status = self._load(container_id)
         try:
             if status != "running":
                 raise InvalidState(f"cannot pause container {container_id!r}: it is {status}, not running")
@@ -308,7 +308,7 @@ class Runtime:
             os.close(lock)
 
     def resume(self, container_id: str) -> None:
-        sd, lock, state, status = self._load(container_id)
+        _sd, lock, state, status = self._load(container_id)
         try:
             if status != "paused":
                 raise InvalidState(f"cannot resume container {container_id!r}: it is {status}, not paused")
@@ -317,7 +317,7 @@ class Runtime:
             os.close(lock)
 
     def pids(self, container_id: str) -> list[int]:
-        sd, lock, state, status = self._load(container_id)
+        _sd, lock, state, _status = self._load(container_id)
         try:
             return sorted(_cgroup(state).pids()) if state.cgroup else []
         finally:
@@ -374,7 +374,7 @@ class Runtime:
     ) -> int:
         from cocon.runtime import process, spawn
 
-        sd, lock, state, status = self._load(container_id)
+        _sd, lock, state, status = self._load(container_id)
         try:
             if status not in ("running", "created"):
                 raise InvalidState(f"cannot exec in container {container_id!r}: it is {status}")
@@ -434,6 +434,33 @@ class Runtime:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+# Devices every container may use, allowed after the config's own rules (as runc does): the
+# default /dev nodes, ptys, and /dev/console.
+_DEFAULT_ALLOWED_DEVICES = (("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9), ("c", 5, 0),
+                            ("c", 5, 1), ("c", 5, 2), ("c", 136, None))  # fmt: skip
+
+
+def with_default_device_rules(linux: Linux) -> Resources | None:
+    """The config's resources with the default devices and `linux.devices` allowed, when the config
+    restricts devices at all."""
+    import msgspec
+
+    from cocon.oci.runtime_spec import DeviceCgroup
+
+    res = linux.resources
+    if res is None or res.devices is None:
+        return res
+    extra = [
+        DeviceCgroup(allow=True, type=t, major=ma, minor=mi, access="rwm")
+        for t, ma, mi in _DEFAULT_ALLOWED_DEVICES
+    ]
+    for d in linux.devices or ():
+        if d.type in ("c", "b", "u"):
+            extra.append(DeviceCgroup(allow=True, type="b" if d.type == "b" else "c", major=d.major,
+                                      minor=d.minor, access="rwm"))  # fmt: skip
+    return msgspec.structs.replace(res, devices=[*res.devices, *extra])
+
+
 def _cgroup(state: ContainerState) -> Cgroup:
     from cocon.runtime.cgroups import cgroup_from_state
 
@@ -467,9 +494,8 @@ def _release_init(fifo: str, init_pid: int) -> None:
         poller.register(pidfd, select.POLLIN)
         while True:
             events = dict(poller.poll())
-            if fd in events:
-                if os.read(fd, 1) == b"0":
-                    return
+            if fd in events and os.read(fd, 1) == b"0":
+                return
             if pidfd in events or (fd in events and events[fd] & select.POLLHUP):
                 raise RuntimeFailure("the container's init exited before it could be started")
     finally:

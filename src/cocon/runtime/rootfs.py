@@ -93,14 +93,20 @@ def open_in_root(rootfd: int, path: str, flags: int = os.O_PATH) -> int:
     return L.openat2(rootfd, path.lstrip("/") or ".", flags, _IN_ROOT)
 
 
-def make_in_root(rootfd: int, path: str, *, directory: bool) -> int:
-    """Create `path` (and its parents) inside the rootfs if missing; return an O_PATH fd to it."""
+def make_in_root(rootfd: int, path: str, *, directory: bool, _depth: int = 0) -> int:
+    """Create `path` (and its parents) inside the rootfs if missing; return an O_PATH fd to it.
+
+    A dangling symlink on the way is followed inside the rootfs, and what it points to is created
+    there, as runc's securejoin does: never outside.
+    """
+    if _depth > 40:
+        raise RuntimeFailure(f"cannot create {path!r} in the rootfs: too many levels of symbolic links")
     try:
         return open_in_root(rootfd, path)
     except FileNotFoundError:
         pass
-    parent, name = os.path.split(path.rstrip("/"))
-    pfd = make_in_root(rootfd, parent or "/", directory=True)
+    parent, name = os.path.split(os.path.normpath("/" + path))
+    pfd = make_in_root(rootfd, parent, directory=True, _depth=_depth + 1)
     try:
         if not stat.S_ISDIR(os.fstat(pfd).st_mode):
             raise RuntimeFailure(f"cannot create {path!r} in the rootfs: {parent!r} is not a directory")
@@ -112,7 +118,9 @@ def make_in_root(rootfd: int, path: str, *, directory: bool) -> int:
                     os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644, dir_fd=pfd)
                 )
         except FileExistsError:
-            pass
+            if stat.S_ISLNK(os.lstat(name, dir_fd=pfd).st_mode):
+                target = os.path.join(parent, os.readlink(name, dir_fd=pfd))
+                return make_in_root(rootfd, os.path.normpath(target), directory=directory, _depth=_depth + 1)
         return L.openat2(pfd, name, os.O_PATH, _IN_ROOT)
     finally:
         os.close(pfd)
@@ -338,7 +346,7 @@ _DEV_SYMLINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/
 
 def _comounted_links(hierarchies: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """For a co-mounted hierarchy like `cpu,cpuacct`, links `cpu` and `cpuacct` to it."""
-    links = []
+    links: list[tuple[str, str]] = []
     for name, _ in hierarchies:
         if "," in name:
             links.extend((part, name) for part in name.split(","))

@@ -145,11 +145,15 @@ def _join_and_unshare(plan: NamespacePlan, sock: socket.socket) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise RuntimeFailure(f"linux.namespaces: cannot open {ns_type} namespace {path}: {exc.strerror}")
+            raise RuntimeFailure(
+                f"linux.namespaces: cannot open {ns_type} namespace {path}: {exc.strerror}"
+            ) from None
         try:
             L.setns(fd, L.NAMESPACES[ns_type][0])
         except OSError as exc:
-            raise RuntimeFailure(f"linux.namespaces: cannot join {ns_type} namespace {path}: {exc.strerror}")
+            raise RuntimeFailure(
+                f"linux.namespaces: cannot join {ns_type} namespace {path}: {exc.strerror}"
+            ) from None
         finally:
             os.close(fd)
     flags = plan.new_flags
