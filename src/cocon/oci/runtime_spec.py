@@ -1,25 +1,22 @@
 """Typed OCI runtime-spec (1.x, Linux) configuration: parsing and validation, no side effects.
 
-`load_config` decodes config.json with msgspec (types are checked while decoding, and a type error
-names the JSON path of the field), then `validate_config` checks the rules the types cannot express.
-Field names follow the spec's camelCase through msgspec's `rename="camel"`; the few irregular names
-(`containerID`, `hostID`, `classID`) are renamed explicitly.
+`load_config` decodes config.json into these classes (types are checked while decoding, and a type
+error names the JSON path of the field), then `validate_config` checks the rules the types cannot
+express. JSON names are the camelCase of the attributes; the irregular ones (`containerID`, `hostID`,
+`kernelTCP`, …) are given explicitly. The classes are `cocon.oci.jsonobj` objects, not msgspec
+Structs, because cocon-runtime decodes a config on every create and must start fast.
 """
 
 from __future__ import annotations
 
-import msgspec
-
 from cocon.oci.errors import ConfigError
+from cocon.oci.jsonobj import DecodeError, decode, encode, field, json_object
 
 OCI_VERSION = "1.2.0"
 
 
-class _Spec(msgspec.Struct, rename="camel", kw_only=True, omit_defaults=True):
-    """Base for every spec object."""
-
-
-class User(_Spec, omit_defaults=False):
+@json_object(omit_defaults=False)
+class User:
     uid: int = 0
     gid: int = 0
     umask: int | None = None
@@ -27,12 +24,14 @@ class User(_Spec, omit_defaults=False):
     username: str | None = None
 
 
-class Box(_Spec):
+@json_object()
+class Box:
     height: int = 0
     width: int = 0
 
 
-class Capabilities(_Spec):
+@json_object()
+class Capabilities:
     bounding: list[str] | None = None
     effective: list[str] | None = None
     inheritable: list[str] | None = None
@@ -40,19 +39,21 @@ class Capabilities(_Spec):
     ambient: list[str] | None = None
 
 
-class Rlimit(_Spec):
+@json_object()
+class Rlimit:
     type: str
     soft: int
     hard: int
 
 
-class Process(_Spec):
+@json_object()
+class Process:
+    cwd: str  # required by the spec (runc refuses a config without it)
     args: list[str] | None = None
-    cwd: str = "/"
     env: list[str] | None = None
     terminal: bool = False
     console_size: Box | None = None
-    user: User = msgspec.field(default_factory=User)
+    user: User = field(default_factory=User)
     capabilities: Capabilities | None = None
     rlimits: list[Rlimit] | None = None
     no_new_privileges: bool = False
@@ -62,12 +63,14 @@ class Process(_Spec):
     command_line: str | None = None
 
 
-class Root(_Spec):
+@json_object()
+class Root:
     path: str
     readonly: bool = False
 
 
-class Mount(_Spec):
+@json_object()
+class Mount:
     destination: str
     source: str | None = None
     type: str | None = None
@@ -76,14 +79,16 @@ class Mount(_Spec):
     gid_mappings: list[IDMapping] | None = None
 
 
-class Hook(_Spec):
+@json_object()
+class Hook:
     path: str
     args: list[str] | None = None
     env: list[str] | None = None
     timeout: int | None = None
 
 
-class Hooks(_Spec):
+@json_object()
+class Hooks:
     prestart: list[Hook] | None = None
     create_runtime: list[Hook] | None = None
     create_container: list[Hook] | None = None
@@ -92,18 +97,21 @@ class Hooks(_Spec):
     poststop: list[Hook] | None = None
 
 
-class IDMapping(_Spec):
-    container_id: int = msgspec.field(name="containerID")
-    host_id: int = msgspec.field(name="hostID")
+@json_object()
+class IDMapping:
+    container_id: int = field(metadata={"json": "containerID"})
+    host_id: int = field(metadata={"json": "hostID"})
     size: int
 
 
-class Namespace(_Spec):
+@json_object()
+class Namespace:
     type: str
     path: str | None = None
 
 
-class Device(_Spec):
+@json_object()
+class Device:
     type: str
     path: str
     major: int | None = None
@@ -113,7 +121,8 @@ class Device(_Spec):
     gid: int | None = None
 
 
-class DeviceCgroup(_Spec):
+@json_object()
+class DeviceCgroup:
     allow: bool
     type: str | None = None
     major: int | None = None
@@ -121,19 +130,21 @@ class DeviceCgroup(_Spec):
     access: str | None = None
 
 
-class Memory(_Spec):
+@json_object()
+class Memory:
     limit: int | None = None
     reservation: int | None = None
     swap: int | None = None
     kernel: int | None = None
-    kernel_tcp: int | None = msgspec.field(default=None, name="kernelTCP")
+    kernel_tcp: int | None = field(default=None, metadata={"json": "kernelTCP"})
     swappiness: int | None = None
-    disable_oom_killer: bool | None = msgspec.field(default=None, name="disableOOMKiller")
+    disable_oom_killer: bool | None = field(default=None, metadata={"json": "disableOOMKiller"})
     use_hierarchy: bool | None = None
     check_before_update: bool | None = None
 
 
-class CPU(_Spec):
+@json_object()
+class CPU:
     shares: int | None = None
     quota: int | None = None
     burst: int | None = None
@@ -145,67 +156,76 @@ class CPU(_Spec):
     idle: int | None = None
 
 
-class Pids(_Spec):
+@json_object()
+class Pids:
     limit: int
 
 
-class WeightDevice(_Spec):
+@json_object()
+class WeightDevice:
     major: int
     minor: int
     weight: int | None = None
     leaf_weight: int | None = None
 
 
-class ThrottleDevice(_Spec):
+@json_object()
+class ThrottleDevice:
     major: int
     minor: int
     rate: int
 
 
-class BlockIO(_Spec):
+@json_object()
+class BlockIO:
     weight: int | None = None
     leaf_weight: int | None = None
     weight_device: list[WeightDevice] | None = None
     throttle_read_bps_device: list[ThrottleDevice] | None = None
     throttle_write_bps_device: list[ThrottleDevice] | None = None
-    throttle_read_iops_device: list[ThrottleDevice] | None = msgspec.field(
-        default=None, name="throttleReadIOPSDevice"
+    throttle_read_iops_device: list[ThrottleDevice] | None = field(
+        default=None, metadata={"json": "throttleReadIOPSDevice"}
     )
-    throttle_write_iops_device: list[ThrottleDevice] | None = msgspec.field(
-        default=None, name="throttleWriteIOPSDevice"
+    throttle_write_iops_device: list[ThrottleDevice] | None = field(
+        default=None, metadata={"json": "throttleWriteIOPSDevice"}
     )
 
 
-class HugepageLimit(_Spec):
+@json_object()
+class HugepageLimit:
     page_size: str
     limit: int
 
 
-class Resources(_Spec):
+@json_object()
+class Resources:
     devices: list[DeviceCgroup] | None = None
     memory: Memory | None = None
     cpu: CPU | None = None
     pids: Pids | None = None
-    block_io: BlockIO | None = msgspec.field(default=None, name="blockIO")
+    block_io: BlockIO | None = field(default=None, metadata={"json": "blockIO"})
     hugepage_limits: list[HugepageLimit] | None = None
     unified: dict[str, str] | None = None
 
 
-class SeccompArg(_Spec):
+@json_object()
+class SeccompArg:
     index: int
     value: int
     op: str
     value_two: int = 0
 
 
-class SeccompSyscall(_Spec):
+@json_object()
+class SeccompSyscall:
     names: list[str]
     action: str
     errno_ret: int | None = None
     args: list[SeccompArg] | None = None
 
 
-class Seccomp(_Spec):
+@json_object()
+class Seccomp:
     default_action: str
     default_errno_ret: int | None = None
     architectures: list[str] | None = None
@@ -215,12 +235,14 @@ class Seccomp(_Spec):
     syscalls: list[SeccompSyscall] | None = None
 
 
-class TimeOffset(_Spec):
+@json_object()
+class TimeOffset:
     secs: int = 0
     nanosecs: int = 0
 
 
-class Linux(_Spec):
+@json_object()
+class Linux:
     namespaces: list[Namespace] | None = None
     uid_mappings: list[IDMapping] | None = None
     gid_mappings: list[IDMapping] | None = None
@@ -237,7 +259,8 @@ class Linux(_Spec):
     personality: dict[str, object] | None = None
 
 
-class Spec(_Spec):
+@json_object()
+class Spec:
     oci_version: str
     root: Root | None = None
     process: Process | None = None
@@ -266,17 +289,16 @@ SECCOMP_OPS = (
     "SCMP_CMP_MASKED_EQ",
 )  # fmt: skip
 
-_decoder = msgspec.json.Decoder(Spec)
-
 
 def parse_config(data: bytes, source: str = "config.json") -> Spec:
     """Decode and validate a config.json document; raises ConfigError naming the bad field."""
     try:
-        spec = _decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: invalid configuration: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ConfigError(f"{source}: not valid JSON: {exc}") from None
+        spec: Spec = decode(data, Spec)
+    except DecodeError as exc:
+        problem = str(exc)
+        if not problem.startswith("not valid JSON"):
+            problem = f"invalid configuration: {problem}"
+        raise ConfigError(f"{source}: {problem}") from None
     validate_config(spec, source)
     return spec
 
@@ -295,7 +317,7 @@ def load_config(path: str) -> Spec:
 
 def encode_config(spec: Spec) -> bytes:
     """Encode a Spec as indented JSON, as `spec` writes it."""
-    return msgspec.json.format(msgspec.json.encode(spec), indent=2) + b"\n"
+    return encode(spec, indent=2) + b"\n"
 
 
 def _fail(source: str, field: str, problem: str) -> ConfigError:

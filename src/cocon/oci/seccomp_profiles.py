@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
-
-import msgspec
+from typing import TYPE_CHECKING
 
 from cocon.oci.errors import ConfigError
+from cocon.oci.jsonobj import DecodeError, decode, json_object
 from cocon.oci.runtime_spec import Seccomp, SeccompArg, SeccompSyscall
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 DEFAULT_PROFILE_PATH = os.path.join(os.path.dirname(__file__), "data", "docker-default-seccomp.json")
 
@@ -93,17 +95,15 @@ def _possible_cpus(sysfs: str) -> list[int]:
 # --- Docker's profile format (moby profiles/seccomp/seccomp.go) -------------------------------
 
 
-class _Docker(msgspec.Struct, rename="camel", kw_only=True):
-    """Base for Docker's profile objects."""
-
-
-class DockerFilter(_Docker, kw_only=True):
+@json_object()
+class DockerFilter:
     caps: list[str] | None = None
     arches: list[str] | None = None
     min_kernel: str | None = None
 
 
-class DockerSyscall(_Docker, kw_only=True):
+@json_object()
+class DockerSyscall:
     names: list[str] | None = None
     name: str | None = None  # deprecated single name, still accepted by moby
     action: str
@@ -114,12 +114,14 @@ class DockerSyscall(_Docker, kw_only=True):
     excludes: DockerFilter | None = None
 
 
-class DockerArch(_Docker, kw_only=True):
+@json_object()
+class DockerArch:
     architecture: str
     sub_architectures: list[str] | None = None
 
 
-class DockerProfile(_Docker, kw_only=True):
+@json_object()
+class DockerProfile:
     default_action: str = ""
     default_errno_ret: int | None = None
     architectures: list[str] | None = None
@@ -130,7 +132,6 @@ class DockerProfile(_Docker, kw_only=True):
     syscalls: list[DockerSyscall] | None = None
 
 
-_profile_decoder = msgspec.json.Decoder(DockerProfile)
 _default_profile: DockerProfile | None = None
 
 # libseccomp/moby arch names ("amd64", "arm64", ...) -> OCI architecture. moby nativeToSeccomp.
@@ -220,11 +221,10 @@ def _default_profile_data() -> DockerProfile:
 def parse_docker_profile(data: bytes, source: str = "seccomp profile") -> DockerProfile:
     """Decode a seccomp profile in Docker's JSON format (`docker run --security-opt seccomp=FILE`)."""
     try:
-        return _profile_decoder.decode(data)
-    except msgspec.ValidationError as exc:
+        profile: DockerProfile = decode(data, DockerProfile)
+    except DecodeError as exc:
         raise ConfigError(f"{source}: invalid seccomp profile: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ConfigError(f"{source}: not valid JSON: {exc}") from None
+    return profile
 
 
 def _copy_args(args: list[SeccompArg] | None) -> list[SeccompArg] | None:

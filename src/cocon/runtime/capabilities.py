@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import TYPE_CHECKING, NamedTuple
 
+from cocon._typing import TYPE_CHECKING, record
 from cocon.runtime import linux as L
 from cocon.runtime.errors import CapabilityError
 
@@ -131,7 +131,8 @@ def mask(caps: Iterable[int]) -> int:
     return m
 
 
-class ResolvedCaps(NamedTuple):
+@record(frozen=True)
+class ResolvedCaps:
     """Capability numbers per set, ready for `apply`.
 
     `unchanged` is true when the spec has no `process.capabilities`: like runc, `apply` then only

@@ -6,16 +6,20 @@ given), and for `run`/`exec` in the foreground the process's own exit status (12
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Any, NoReturn
 
 from cocon import __version__
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime.errors import RuntimeFailure
 
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any, NoReturn
+
 SPEC_VERSION = "1.2.0"
+DEFAULT_ROOT = "/run/cocon-runtime"
 
 
 class _Log:
@@ -51,7 +55,75 @@ def fail(msg: str) -> NoReturn:
     sys.exit(1)
 
 
+# The commands podman and conmon call for every container, parsed without argparse (whose import and
+# set-up cost more than the rest of `start`): value flags, boolean flags, positional arguments.
+_CREATE_VALUES = {"-b": "bundle", "--bundle": "bundle", "--console-socket": "console_socket",
+                  "--pid-file": "pid_file", "--preserve-fds": "preserve_fds"}  # fmt: skip
+_CREATE_BOOLS = {"--no-pivot": "no_pivot", "--no-new-keyring": "no_new_keyring"}
+_FAST_COMMANDS: dict[str, tuple[dict[str, str], dict[str, str], tuple[str, ...]]] = {
+    "create": (_CREATE_VALUES, _CREATE_BOOLS, ("id",)),
+    "run": (
+        _CREATE_VALUES,
+        {**_CREATE_BOOLS, "-d": "detach", "--detach": "detach", "--keep": "keep"},
+        ("id",),
+    ),
+    "start": ({}, {}, ("id",)),
+    "state": ({}, {}, ("id",)),
+    "pause": ({}, {}, ("id",)),
+    "resume": ({}, {}, ("id",)),
+    "delete": ({}, {"-f": "force", "--force": "force"}, ("id",)),
+    "kill": ({}, {"-a": "all", "--all": "all"}, ("id", "signal")),
+}
+_GLOBAL_VALUES = {"--root": "root", "--log": "log", "--log-format": "log_format", "--rootless": "rootless",
+                  "--criu": "criu"}  # fmt: skip
+_GLOBAL_BOOLS = {"--debug": "debug", "--systemd-cgroup": "systemd_cgroup"}
+
+
+def fast_parse(argv: list[str]) -> Any | None:
+    """Parse the hot commands' command lines; None means "let argparse do it" (help, errors, the rest)."""
+    from types import SimpleNamespace
+
+    ns: dict[str, Any] = {
+        "root": os.environ.get("COCON_RUNTIME_ROOT", DEFAULT_ROOT), "log": None, "log_format": "text",
+        "debug": False, "systemd_cgroup": False, "rootless": "false", "criu": None, "bundle": ".",
+        "console_socket": None, "pid_file": None, "preserve_fds": 0, "no_pivot": False,
+        "no_new_keyring": False, "detach": False, "keep": False, "force": False, "all": False,
+        "signal": "SIGTERM",
+    }  # fmt: skip
+    values, bools = _GLOBAL_VALUES, _GLOBAL_BOOLS
+    positionals: tuple[str, ...] = ()
+    args = iter(argv)
+    command = None
+    found: list[str] = []
+    for arg in args:
+        name, eq, inline = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if name in values:
+            ns[values[name]] = inline if eq else next(args, None)
+            if ns[values[name]] is None:
+                return None
+        elif name in bools and not eq:
+            ns[bools[name]] = True
+        elif arg.startswith("-"):
+            return None
+        elif command is None:
+            if arg not in _FAST_COMMANDS:
+                return None
+            command = arg
+            values, bools, positionals = _FAST_COMMANDS[arg]
+        else:
+            found.append(arg)
+    if command is None or not 1 <= len(found) <= len(positionals):
+        return None
+    ns.update(zip(positionals, found, strict=False), command=command)
+    if ns["log_format"] not in ("text", "json") or not str(ns["preserve_fds"]).isdigit():
+        return None
+    ns["preserve_fds"] = int(ns["preserve_fds"])
+    return SimpleNamespace(**ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="cocon-runtime",
         description="cocon's OCI runtime: runs containers from OCI bundles, with runc's command line.",
@@ -144,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = fast_parse(argv) or build_parser().parse_args(argv)
     LOG.path, LOG.format, LOG.debug = args.log, args.log_format, args.debug
     if args.systemd_cgroup:
         fail(
@@ -272,21 +345,18 @@ def _list(rt: Any, args: argparse.Namespace) -> None:
 
 
 def _exec(rt: Any, args: argparse.Namespace) -> int:
-    import msgspec
-
     from cocon.oci.errors import ConfigError
+    from cocon.oci.jsonobj import DecodeError, decode
     from cocon.oci.runtime_spec import Capabilities, Process, User, validate_process
 
     if args.process:
         try:
             with open(args.process, "rb") as f:
-                proc = msgspec.json.decode(f.read(), type=Process)
+                proc = decode(f.read(), Process)
         except FileNotFoundError:
             raise RuntimeFailure(f"--process {args.process}: no such file") from None
-        except msgspec.ValidationError as exc:
+        except DecodeError as exc:
             raise ConfigError(f"{args.process}: invalid process: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise ConfigError(f"{args.process}: not valid JSON: {exc}") from None
         validate_process(proc, args.process)
     else:
         cmd = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
@@ -294,7 +364,7 @@ def _exec(rt: Any, args: argparse.Namespace) -> int:
             raise RuntimeFailure(
                 "exec needs a command: cocon-runtime exec ID COMMAND [ARG...] (or --process)"
             )
-        base = rt.load_spec(args.id).process or Process(args=["sh"])
+        base = rt.load_spec(args.id).process or Process(args=["sh"], cwd="/")
         env = list(base.env or [])
         for e in args.env:
             if "=" not in e:

@@ -12,8 +12,8 @@ import struct
 import sys
 import termios
 import tty
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ import select
 import signal
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime import linux as L
 from cocon.runtime.errors import ContainerExists, ContainerNotFound, InvalidState, RuntimeFailure
 from cocon.runtime.state import (
@@ -26,10 +26,14 @@ from cocon.runtime.state import (
 )
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from cocon.oci.runtime_spec import Linux, Process, Resources, Spec
     from cocon.runtime.cgroups import Cgroup
+    from cocon.runtime.seccomp_bpf import CompiledFilter
 
 DEFAULT_ROOT = "/run/cocon-runtime"
+SECCOMP_CACHE = ".seccomp"  # under the root; not a valid container id, so never listed
 
 
 class Runtime:
@@ -181,13 +185,14 @@ class Runtime:
                 os.umask(old_umask)
             plan = spawn.plan_namespaces(spec)
             assert spec.process is not None
-            process.preload(spec.process, linux.seccomp)
+            process.preload(spec.process)
             cfg = spawn.InitConfig(
                 spec=spec,
                 bundle=bundle,
                 rootfs=rootfs,
                 plan=plan,
                 cgroup=cgroup,
+                seccomp=self._compiled_seccomp(spec),
                 preserve_fds=preserve_fds,
                 new_keyring=new_keyring,
                 container_id=state.id,
@@ -215,6 +220,13 @@ class Runtime:
         except BaseException:
             _destroy(init_pid, cgroup)
             raise
+
+    def _compiled_seccomp(self, spec: Spec) -> CompiledFilter | None:
+        if spec.linux is None or spec.linux.seccomp is None:
+            return None
+        from cocon.runtime.seccomp_bpf import compiled_filter
+
+        return compiled_filter(spec.linux.seccomp, os.path.join(self.root, SECCOMP_CACHE))
 
     def start(self, container_id: str) -> None:
         from cocon.oci.runtime_spec import load_config
@@ -388,11 +400,10 @@ class Runtime:
 
                 console_sock = console.connect_console_socket(console_socket)
             plan = spawn.plan_exec_namespaces(state.pid)
-            process.preload(proc, spec.linux.seccomp if spec.linux else None)
+            process.preload(proc)
             cfg = spawn.ExecConfig(
                 process=proc,
-                seccomp=spec.linux.seccomp if spec.linux else None,
-                in_userns=plan.in_userns,
+                seccomp=self._compiled_seccomp(spec),
                 preserve_fds=preserve_fds,
             )
             if not detach:
@@ -443,8 +454,7 @@ _DEFAULT_ALLOWED_DEVICES = (("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), 
 def with_default_device_rules(linux: Linux) -> Resources | None:
     """The config's resources with the default devices and `linux.devices` allowed, when the config
     restricts devices at all."""
-    import msgspec
-
+    from cocon.oci.jsonobj import replace
     from cocon.oci.runtime_spec import DeviceCgroup
 
     res = linux.resources
@@ -458,7 +468,8 @@ def with_default_device_rules(linux: Linux) -> Resources | None:
         if d.type in ("c", "b", "u"):
             extra.append(DeviceCgroup(allow=True, type="b" if d.type == "b" else "c", major=d.major,
                                       minor=d.minor, access="rwm"))  # fmt: skip
-    return msgspec.structs.replace(res, devices=[*res.devices, *extra])
+    updated: Resources = replace(res, devices=[*res.devices, *extra])
+    return updated
 
 
 def _cgroup(state: ContainerState) -> Cgroup:

@@ -7,7 +7,11 @@ Docker's seccomp profile, no_new_privs, Docker's masked and read-only paths, and
 from __future__ import annotations
 
 import os
-from typing import Any
+
+from cocon._typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from cocon.oci.runtime_spec import (
     OCI_VERSION,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-from typing import TYPE_CHECKING, Any
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from cocon.oci.runtime_spec import Hook
 
 
@@ -29,6 +30,8 @@ def run_hooks(kind: str, hooks: list[Hook] | None, state: dict[str, Any], *, fat
 
 
 def run_hook(hook: Hook, payload: bytes) -> None:
+    import subprocess
+
     args = hook.args or [hook.path]
     env = dict(e.split("=", 1) for e in hook.env or [])
     try:

@@ -12,28 +12,25 @@ import os
 import resource
 import signal
 import stat
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime import linux as L
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from cocon.oci.runtime_spec import Process, Rlimit, Seccomp
+    from cocon.oci.runtime_spec import Process, Rlimit
+    from cocon.runtime.seccomp_bpf import CompiledFilter
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def preload(proc: Process, seccomp: Seccomp | None) -> None:
+def preload(proc: Process) -> None:
     """Import, while the host's filesystem is still reachable, every module the container process
     needs after it has entered the container's mount namespace or pivoted into its rootfs."""
     from cocon.runtime import capabilities  # noqa: F401
 
-    if seccomp is not None:
-        import seccomp as _bindings  # noqa: F401  (libseccomp's, imported lazily by cocon's module)
-
-        from cocon.runtime import seccomp as _sc  # noqa: F401
     if proc.terminal:
         from cocon.runtime import console  # noqa: F401
 
@@ -127,7 +124,7 @@ def switch_user_fn(proc: Process) -> Callable[[], None]:
     return switch
 
 
-def finalize(proc: Process, seccomp: Seccomp | None) -> str:
+def finalize(proc: Process, seccomp: CompiledFilter | None) -> str:
     """Apply user, capabilities, no_new_privs and seccomp; return the program path to exec.
 
     Seccomp is loaded as late as the configuration allows: only `os.execve` runs after it when
@@ -142,7 +139,7 @@ def finalize(proc: Process, seccomp: Seccomp | None) -> str:
     else:
         os.umask(0o022)
     if seccomp is not None and not proc.no_new_privileges:
-        _load_seccomp(seccomp)
+        seccomp.load()
     capabilities.apply(caps, switch_user_fn(proc))
     os.environ.clear()
     try:
@@ -158,16 +155,10 @@ def finalize(proc: Process, seccomp: Seccomp | None) -> str:
     return path
 
 
-def load_late_seccomp(proc: Process, seccomp: Seccomp | None) -> None:
+def load_late_seccomp(proc: Process, seccomp: CompiledFilter | None) -> None:
     """With no_new_privs the filter is loaded last, right before execve."""
     if seccomp is not None and proc.no_new_privileges:
-        _load_seccomp(seccomp)
-
-
-def _load_seccomp(seccomp: Seccomp) -> None:
-    from cocon.runtime import seccomp as sc
-
-    sc.load(seccomp)
+        seccomp.load()
 
 
 def reset_signals() -> None:

@@ -13,14 +13,15 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime import linux as L
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from cocon.oci.runtime_spec import Device, Mount, Spec
     from cocon.runtime.cgroups import Cgroup
 

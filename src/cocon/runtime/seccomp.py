@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, Any
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime.errors import SeccompError
 
 if TYPE_CHECKING:
+    from typing import Any
+
     import seccomp
 
     from cocon.oci.runtime_spec import Seccomp, SeccompArg

@@ -21,17 +21,18 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime import linux as L
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from cocon.oci.runtime_spec import IDMapping, Process, Spec
     from cocon.runtime.cgroups import Cgroup
+    from cocon.runtime.seccomp_bpf import CompiledFilter
 
 _MAX_MSG = 65536
 
@@ -80,13 +81,15 @@ def _child_fail(sock: socket.socket, exc: BaseException) -> None:
 
 
 # --- namespaces -------------------------------------------------------------------------------
-@dataclass
 class NamespacePlan:
-    new_flags: int = 0
-    joins: list[tuple[str, str]] = field(default_factory=list)  # (type, path), user first, mount last
-    uid_mappings: list[IDMapping] = field(default_factory=list)
-    gid_mappings: list[IDMapping] = field(default_factory=list)
-    time_offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Which namespaces to create (clone flags) and which to join (type, path: user first, mount last)."""
+
+    def __init__(self) -> None:
+        self.new_flags = 0
+        self.joins: list[tuple[str, str]] = []
+        self.uid_mappings: list[IDMapping] = []
+        self.gid_mappings: list[IDMapping] = []
+        self.time_offsets: dict[str, tuple[int, int]] = {}
 
     @property
     def new_userns(self) -> bool:
@@ -253,16 +256,31 @@ def _kill_and_reap(pid: int) -> None:
 
 
 # --- the container's init (stage 2 of create) ---------------------------------------------------
-@dataclass
 class InitConfig:
-    spec: Spec
-    bundle: str
-    rootfs: str
-    plan: NamespacePlan
-    cgroup: Cgroup | None
-    preserve_fds: int = 0
-    new_keyring: bool = True
-    container_id: str = ""
+    """What the container's init needs; it is handed over by fork, not serialized."""
+
+    def __init__(
+        self,
+        *,
+        spec: Spec,
+        bundle: str,
+        rootfs: str,
+        plan: NamespacePlan,
+        cgroup: Cgroup | None,
+        seccomp: CompiledFilter | None,
+        preserve_fds: int = 0,
+        new_keyring: bool = True,
+        container_id: str = "",
+    ) -> None:
+        self.spec = spec
+        self.bundle = bundle
+        self.rootfs = rootfs
+        self.plan = plan
+        self.cgroup = cgroup
+        self.seccomp = seccomp
+        self.preserve_fds = preserve_fds
+        self.new_keyring = new_keyring
+        self.container_id = container_id
 
 
 def init_main(cfg: InitConfig, sock: socket.socket) -> None:
@@ -319,7 +337,7 @@ def init_main(cfg: InitConfig, sock: socket.socket) -> None:
                 pass  # keyrings may be unavailable (seccomp, old kernels): not fatal, as in runc
         process.set_rlimits(proc.rlimits)
         process.set_oom_score_adj(proc.oom_score_adj)
-        path = process.finalize(proc, linux.seccomp)
+        path = process.finalize(proc, cfg.seccomp)
         for fd in range(3, 3 + cfg.preserve_fds):
             try:
                 os.set_inheritable(fd, True)
@@ -339,7 +357,7 @@ def init_main(cfg: InitConfig, sock: socket.socket) -> None:
             state = dict(msg["state"], status="created")
             hooks.run_hooks("startContainer", spec.hooks.start_container, state)
         process.reset_signals()
-        process.load_late_seccomp(proc, linux.seccomp)
+        process.load_late_seccomp(proc, cfg.seccomp)
         process.exec_process(path, proc)
     except BaseException as exc:
         if not ready_sent:
@@ -349,12 +367,11 @@ def init_main(cfg: InitConfig, sock: socket.socket) -> None:
 
 
 # --- a process of `exec` (stage 2) --------------------------------------------------------------
-@dataclass
 class ExecConfig:
-    process: Process
-    seccomp: Any  # cocon.oci.runtime_spec.Seccomp | None
-    in_userns: bool
-    preserve_fds: int = 0
+    def __init__(self, *, process: Process, seccomp: CompiledFilter | None, preserve_fds: int = 0) -> None:
+        self.process = process
+        self.seccomp = seccomp
+        self.preserve_fds = preserve_fds
 
 
 def exec_main(cfg: ExecConfig, sock: socket.socket) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+
+from cocon._typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from cocon.runtime.errors import ContainerNotFound, RuntimeFailure
 
@@ -22,30 +24,53 @@ EXEC_FIFO = "exec.fifo"
 CONFIG_COPY = "config.json"
 OCI_VERSION = "1.2.0"
 
-_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.+-")
 
 
 def validate_id(container_id: str) -> None:
-    if not _VALID_ID.match(container_id):
+    if not (
+        0 < len(container_id) <= 128 and container_id[0].isalnum() and _ID_CHARS.issuperset(container_id)
+    ):
         raise RuntimeFailure(
             f"invalid container id {container_id!r}: use 1 to 128 letters, digits, '_', '.', '+' or '-', "
             "starting with a letter or digit"
         )
 
 
-@dataclass
 class ContainerState:
-    id: str
-    bundle: str
-    rootfs: str
-    status: str = "creating"
-    pid: int = 0
-    pid_start_time: int = 0  # field 22 of /proc/PID/stat: tells a reused pid apart
-    created: str = ""
-    owner: str = ""
-    annotations: dict[str, str] = field(default_factory=dict)
-    cgroup: dict[str, Any] = field(default_factory=dict)
-    creator_pid: int = 0
+    """What state.json records. (A plain class: dataclasses cost the hot path an import.)"""
+
+    FIELDS = ("id", "bundle", "rootfs", "status", "pid", "pid_start_time", "created", "owner", "annotations",
+              "cgroup", "creator_pid")  # fmt: skip
+
+    def __init__(
+        self,
+        id: str,
+        bundle: str,
+        rootfs: str,
+        status: str = "creating",
+        pid: int = 0,
+        pid_start_time: int = 0,  # field 22 of /proc/PID/stat: tells a reused pid apart
+        created: str = "",
+        owner: str = "",
+        annotations: dict[str, str] | None = None,
+        cgroup: dict[str, Any] | None = None,
+        creator_pid: int = 0,
+    ) -> None:
+        self.id = id
+        self.bundle = bundle
+        self.rootfs = rootfs
+        self.status = status
+        self.pid = pid
+        self.pid_start_time = pid_start_time
+        self.created = created
+        self.owner = owner
+        self.annotations = annotations or {}
+        self.cgroup = cgroup or {}
+        self.creator_pid = creator_pid
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     def to_oci(self, status: str) -> dict[str, Any]:
         """The runtime-spec state document (what hooks get on stdin and `state` prints)."""
@@ -103,7 +128,7 @@ class StateDir:
     def save(self, state: ContainerState) -> None:
         tmp = os.path.join(self.path, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(asdict(state), f)
+            json.dump(state.to_dict(), f)
         os.rename(tmp, os.path.join(self.path, STATE_FILE))
 
     def load(self) -> ContainerState:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime.errors import CgroupError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
     from cocon.oci.runtime_spec import ThrottleDevice
 
 DEFAULT_PARENT = "/cocon"

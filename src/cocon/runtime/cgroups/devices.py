@@ -18,20 +18,20 @@ The OCI list is ordered and the last rule that matches a device decides. Two tra
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING, record
 from cocon.runtime.errors import CgroupError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from cocon.oci.runtime_spec import DeviceCgroup
 
 FIELD = "linux.resources.devices"
 ACCESS_ALL = "rwm"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeviceRule:
     """One normalized rule: type "a", "c" or "b"; None major/minor is the wildcard."""
 
@@ -83,7 +83,7 @@ def normalize_rules(rules: Sequence[DeviceCgroup]) -> list[DeviceRule]:
 # --- cgroup v1: emulate the kernel's exception list -----------------------------------------------------
 
 
-@dataclass
+@record
 class V1DeviceState:
     """The final state of a v1 device cgroup: default behaviour plus exceptions (in insertion order)."""
 
@@ -167,7 +167,7 @@ JMP_EXIT = 0x95  # BPF_JMP | BPF_EXIT
 R0, R1, R2, R3, R4, R5 = range(6)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Insn:
     """One eBPF instruction; `off` of a jump is relative to the next instruction."""
 

@@ -9,13 +9,14 @@ hierarchies carry no controller (`name=systemd`). The v2 hierarchy is a `cgroup2
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
-from typing import Literal
 
+from cocon._typing import TYPE_CHECKING, record
 from cocon.runtime.errors import CgroupError
 
-Mode = Literal["v1", "hybrid", "v2"]
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Mode = Literal["v1", "hybrid", "v2"]
 
 MOUNTINFO = "/proc/self/mountinfo"
 
@@ -27,15 +28,24 @@ V1_CONTROLLERS = frozenset(
     }
 )  # fmt: skip
 
-_ESCAPE = re.compile(r"\\([0-7]{3})")
-
 
 def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
-    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        chunk = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(chunk) == 3 and all(c in "01234567" for c in chunk):
+            out.append(chr(int(chunk, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MountEntry:
     mount_id: int
     root: str
@@ -44,7 +54,7 @@ class MountEntry:
     super_options: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Hierarchy:
     """One mounted v1 hierarchy.
 
@@ -104,7 +114,7 @@ class Hierarchy:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CgroupMounts:
     """What the mount namespace offers: v1 hierarchies (one entry each) and the cgroup2 mount."""
 

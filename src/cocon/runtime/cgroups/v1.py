@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime.cgroups import CgroupStats
 from cocon.runtime.cgroups.common import (
     FIELD,
@@ -32,6 +31,8 @@ from cocon.runtime.cgroups.mountinfo import Hierarchy
 from cocon.runtime.errors import CgroupError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from cocon.oci.runtime_spec import CPU, BlockIO, DeviceCgroup, HugepageLimit, Memory, Resources
 
 # memory.limit_in_bytes reads this (PAGE_COUNTER_MAX * page size, rounded) when unlimited.

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING
 from cocon.runtime.cgroups import CgroupStats
 from cocon.runtime.cgroups.common import (
     FIELD,
@@ -35,6 +34,8 @@ from cocon.runtime.cgroups.common import (
 from cocon.runtime.errors import CgroupError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from cocon.oci.runtime_spec import CPU, BlockIO, DeviceCgroup, HugepageLimit, Memory, Resources
 
 DEFAULT_MOUNT = "/sys/fs/cgroup"

@@ -1,0 +1,56 @@
+"""cocon.oci.jsonobj: typed decoding with JSON-path errors, camelCase names, defaults left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from cocon.oci.jsonobj import DecodeError, decode, encode, field, json_object, replace
+
+
+@json_object()
+class Inner:
+    host_id: int = field(metadata={"json": "hostID"})
+    tags: list[str] | None = None
+
+
+@json_object()
+class Outer:
+    name: str
+    inner: Inner | None = None
+    items: list[Inner] = field(default_factory=list)
+    labels: dict[str, str] | None = None
+    enabled: bool = False
+
+
+def test_decode_camel_and_renamed_fields() -> None:
+    obj = decode(b'{"name": "x", "inner": {"hostID": 3, "tags": ["a"]}, "enabled": true, "extra": 1}', Outer)
+    assert obj == Outer(name="x", inner=Inner(host_id=3, tags=["a"]), enabled=True)
+    assert obj.items == []
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        (b'{"name": 1}', "Expected `str`, got `int` - at `$.name`"),
+        (b'{"name": "x", "enabled": 1}', "Expected `bool`, got `int` - at `$.enabled`"),
+        (b'{"name": "x", "inner": {"hostID": true}}', "Expected `int`, got `bool` - at `$.inner.hostID`"),
+        (b'{"name": "x", "items": [{"hostID": 1}, {}]}', "missing required field `hostID` - at `$.items[1]`"),
+        (b'{"name": "x", "labels": {"a": 2}}', "Expected `str`, got `int` - at `$.labels.a`"),
+        (b'{"inner": null}', "missing required field `name` - at `$`"),
+        (b"[1]", "Expected `object`, got `array` - at `$`"),
+        (b"{oops", "not valid JSON"),
+    ],
+)
+def test_decode_errors_name_the_path(doc: bytes, message: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(doc, Outer)
+    assert message in str(info.value)
+
+
+def test_encode_leaves_defaults_out_and_replace_copies() -> None:
+    obj = Outer(name="x", inner=Inner(host_id=0))
+    assert encode(obj) == b'{"name": "x", "inner": {"hostID": 0}}'
+    changed = replace(obj, enabled=True)
+    assert changed.enabled and not obj.enabled and changed.inner == obj.inner
+    with pytest.raises(TypeError):
+        Outer(nme="typo")  # type: ignore[call-arg]
