@@ -16,15 +16,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from cocon.oci.runtime_spec import CPU, BlockIO, DeviceCgroup, Memory, Pids, Resources, ThrottleDevice
-from cocon.runtime.cgroups import Cgroup, cgroup_from_state, open_cgroup
+from cocon.runtime.cgroups import cgroup_from_state, open_cgroup
 from cocon.runtime.cgroups.mountinfo import read_cgroup_mounts
 from cocon.runtime.cgroups.v1 import CgroupV1
 from cocon.runtime.cgroups.v2 import CgroupV2
 from cocon.runtime.errors import CgroupError
+
+if TYPE_CHECKING:
+    from cocon.runtime.cgroups import Cgroup
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="cgroup tests need root")
 

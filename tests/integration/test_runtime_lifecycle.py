@@ -294,9 +294,19 @@ def assert_nothing_left(runtime: RuntimeCLI, cid: str, cgroups_path: str) -> Non
     "config, message",
     [
         (b"{not json", "not valid JSON"),
-        (b'{"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"args": "sh"}}', "$.process.args"),
-        (b'{"ociVersion": "1.0.2", "process": {"args": ["sh"]}}', "root.path"),
-        (b'{"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"args": []}}', "process.args"),
+        (
+            b'{"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"cwd": "/", "args": "sh"}}',
+            "$.process.args",
+        ),
+        (b'{"ociVersion": "1.0.2", "process": {"cwd": "/", "args": ["sh"]}}', "root.path"),
+        (
+            b'{"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"cwd": "/", "args": []}}',
+            "process.args",
+        ),
+        (
+            b'{"ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"args": ["sh"]}}',
+            "field `cwd` - at `$.process`",
+        ),
     ],
 )
 def test_malformed_config(runtime: RuntimeCLI, bundle: BundleFactory, config: bytes, message: str) -> None:

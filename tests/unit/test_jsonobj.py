@@ -54,3 +54,22 @@ def test_encode_leaves_defaults_out_and_replace_copies() -> None:
     assert changed.enabled and not obj.enabled and changed.inner == obj.inner
     with pytest.raises(TypeError):
         Outer(nme="typo")  # type: ignore[call-arg]
+
+
+def test_fastjson_matches_json_and_reports_errors_without_json_imported() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from cocon import _fastjson
+
+    doc = '{"a": [1, 2.5, "\\u00e9", null, true, false], "b": {"c": -1e3}}'
+    assert _fastjson.loads(doc) == json.loads(doc)
+    assert _fastjson.dumps(json.loads(doc)) == json.dumps(json.loads(doc))
+    for bad in ("{", "[1] x", "", '{"a":}'):
+        with pytest.raises(ValueError):
+            _fastjson.loads(bad)
+    # in a fresh interpreter `json` is not imported: errors must still be ValueErrors
+    probe = "from cocon import _fastjson\ntry:\n    _fastjson.loads('{')\nexcept ValueError as e:\n    print('ValueError', e)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("ValueError")

@@ -13,9 +13,9 @@ and `T | None`. JSON names are the camelCase of the attribute, or `field(metadat
 
 from __future__ import annotations
 
-import json
 import sys
 
+from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING
 
 __all__ = ["DecodeError", "decode", "encode", "field", "json_object", "replace", "to_builtins"]
@@ -202,7 +202,7 @@ def _from_dict(cls: Any, value: Any, path: str) -> Any:
 def decode(data: bytes | str, cls: type[Any]) -> Any:
     """Decode a JSON document into an instance of `cls`, checking every type on the way."""
     try:
-        value = json.loads(data)
+        value = _fastjson.loads(data)
     except ValueError as exc:
         raise DecodeError(f"not valid JSON: {exc}") from None
     return _from_dict(cls, value, "$")
@@ -230,4 +230,8 @@ def to_builtins(obj: Any) -> Any:
 
 
 def encode(obj: Any, indent: int | None = None) -> bytes:
+    if indent is None:
+        return _fastjson.dumps(to_builtins(obj)).encode()
+    import json
+
     return json.dumps(to_builtins(obj), indent=indent).encode()

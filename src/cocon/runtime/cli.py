@@ -6,11 +6,11 @@ given), and for `run`/`exec` in the foreground the process's own exit status (12
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from cocon import __version__
+from cocon import _fastjson as json
 from cocon._typing import TYPE_CHECKING
 from cocon.runtime.errors import RuntimeFailure
 
@@ -240,6 +240,24 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{type(exc).__name__}: {exc}")
 
 
+def print_json(doc: object) -> None:
+    """Indented for a person at a terminal, one compact line for programs (podman reads `state`)."""
+    if sys.stdout.isatty():
+        import json as pretty
+
+        print(pretty.dumps(doc, indent=2))
+    else:
+        print(json.dumps(doc))
+
+
+def entry() -> NoReturn:
+    """The console script: like main, but skips the interpreter's tear-down (a few ms per call)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from cocon.runtime.container import Runtime, parse_signal
 
@@ -252,7 +270,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "features":
         from cocon.runtime.defaults import features
 
-        print(json.dumps(features(), indent=2))
+        print_json(features())
         return 0
     rt = Runtime(args.root)
     if cmd in ("create", "run"):
@@ -283,7 +301,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if cmd == "start":
         rt.start(args.id)
     elif cmd == "state":
-        print(json.dumps(rt.state(args.id), indent=2))
+        print_json(rt.state(args.id))
     elif cmd == "kill":
         rt.kill(args.id, parse_signal(args.signal), all_processes=args.all)
     elif cmd == "delete":

@@ -6,12 +6,11 @@ lock, reads its state, checks the transition, and leaves nothing behind when it 
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: `signal` wraps it in enums, costly to import
 import errno
 import os
 import select
-import signal
 import time
-from functools import partial
 
 from cocon._typing import TYPE_CHECKING
 from cocon.runtime import linux as L
@@ -28,7 +27,7 @@ from cocon.runtime.state import (
 if TYPE_CHECKING:
     from typing import Any
 
-    from cocon.oci.runtime_spec import Linux, Process, Resources, Spec
+    from cocon.oci.runtime_spec import Hook, Linux, Process, Resources, Spec
     from cocon.runtime.cgroups import Cgroup
     from cocon.runtime.seccomp_bpf import CompiledFilter
 
@@ -199,9 +198,9 @@ class Runtime:
             )
             L.prctl(L.PR_SET_DUMPABLE, 0)
             init_pid, sock = spawn.staged_fork(
-                plan, cgroup, partial(spawn.init_main, cfg), "create", preserve_fds
+                plan, cgroup, lambda sock: spawn.init_main(cfg, sock), "create", preserve_fds
             )
-            with sock:
+            try:
                 spawn.recv(sock, "mounted", "create")
                 state.pid = init_pid
                 state.pid_start_time = process_start_time(init_pid) or 0
@@ -216,6 +215,8 @@ class Runtime:
                 finally:
                     os.close(fifo_fd)
                 _, fds = spawn.recv(sock, "ready", "create")
+            finally:
+                sock.close()
             return (fds[0] if fds else -1), init_pid, cgroup
         except BaseException:
             _destroy(init_pid, cgroup)
@@ -229,7 +230,6 @@ class Runtime:
         return compiled_filter(spec.linux.seccomp, os.path.join(self.root, SECCOMP_CACHE))
 
     def start(self, container_id: str) -> None:
-        from cocon.oci.runtime_spec import load_config
         from cocon.runtime import hooks
 
         sd, lock, state, status = self._load(container_id)
@@ -243,9 +243,9 @@ class Runtime:
             os.unlink(sd.fifo)
             state.status = "running"
             sd.save(state)
-            spec = load_config(sd.config_copy)
-            if spec.hooks and spec.hooks.poststart:
-                hooks.run_hooks("poststart", spec.hooks.poststart, state.to_oci("running"), fatal=False)
+            poststart = _hooks_of(sd, "poststart")
+            if poststart:
+                hooks.run_hooks("poststart", poststart, state.to_oci("running"), fatal=False)
         finally:
             os.close(lock)
 
@@ -337,8 +337,6 @@ class Runtime:
 
     # -- delete --------------------------------------------------------------------------------
     def delete(self, container_id: str, force: bool = False) -> None:
-        from cocon.oci.errors import ConfigError
-        from cocon.oci.runtime_spec import load_config
         from cocon.runtime import hooks
 
         sd = self._dir(container_id)
@@ -358,12 +356,9 @@ class Runtime:
             if status == "paused" and cgroup is not None:
                 cgroup.thaw()
             _destroy(state.pid if status != "stopped" else 0, cgroup, state.pid_start_time)
-            try:
-                spec = load_config(sd.config_copy)
-            except ConfigError:
-                spec = None
-            if spec is not None and spec.hooks and spec.hooks.poststop:
-                hooks.run_hooks("poststop", spec.hooks.poststop, state.to_oci("stopped"), fatal=False)
+            poststop = _hooks_of(sd, "poststop")
+            if poststop:
+                hooks.run_hooks("poststop", poststop, state.to_oci("stopped"), fatal=False)
             sd.remove()
         finally:
             os.close(lock)
@@ -410,13 +405,16 @@ class Runtime:
                 L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
             L.prctl(L.PR_SET_DUMPABLE, 0)
             cgroup = _cgroup(state) if state.cgroup else None
-            pid, sock = spawn.staged_fork(plan, cgroup, partial(spawn.exec_main, cfg), "exec", preserve_fds)
-            with sock:
-                try:
-                    _, fds = spawn.recv(sock, "ready", "exec")
-                except BaseException:
-                    _kill_wait(pid)
-                    raise
+            pid, sock = spawn.staged_fork(
+                plan, cgroup, lambda sock: spawn.exec_main(cfg, sock), "exec", preserve_fds
+            )
+            try:
+                _, fds = spawn.recv(sock, "ready", "exec")
+            except BaseException:
+                _kill_wait(pid)
+                raise
+            finally:
+                sock.close()
             master = fds[0] if fds else -1
             if master >= 0 and console_sock is not None:
                 from cocon.runtime import console
@@ -445,6 +443,26 @@ class Runtime:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _hooks_of(sd: StateDir, kind: str) -> list[Hook] | None:
+    """The container's hooks of one kind; the saved config is only decoded when it has any."""
+    from cocon.oci.errors import ConfigError
+    from cocon.oci.runtime_spec import parse_config
+
+    try:
+        with open(sd.config_copy, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if f'"{kind}"'.encode() not in data:
+        return None
+    try:
+        spec = parse_config(data, sd.config_copy)
+    except ConfigError:
+        return None
+    hooks: list[Hook] | None = getattr(spec.hooks, kind, None) if spec.hooks else None
+    return hooks
+
+
 # Devices every container may use, allowed after the config's own rules (as runc does): the
 # default /dev nodes, ptys, and /dev/console.
 _DEFAULT_ALLOWED_DEVICES = (("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9), ("c", 5, 0),
@@ -604,7 +622,7 @@ def parse_signal(value: str) -> int:
     else:
         name = value.upper()
         name = name if name.startswith("SIG") else "SIG" + name
-        sig = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
-        if sig is not None:
-            return int(sig)
+        sig = getattr(signal, name, None) if not name.startswith("SIG_") else None
+        if isinstance(sig, int):
+            return sig
     raise RuntimeFailure(f"unknown signal {value!r}: use a name like TERM or SIGKILL, or a number")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from cocon import _fastjson as json
 from cocon._typing import TYPE_CHECKING
 from cocon.runtime.errors import RuntimeFailure
 

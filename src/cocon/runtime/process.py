@@ -8,9 +8,9 @@ loaded before capabilities are dropped.
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: `signal` wraps it in enums, costly to import
 import os
 import resource
-import signal
 import stat
 
 from cocon._typing import TYPE_CHECKING

@@ -9,18 +9,16 @@ CVE-2021-30465 class).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from contextlib import contextmanager
 
 from cocon._typing import TYPE_CHECKING
 from cocon.runtime import linux as L
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from typing import Any
 
     from cocon.oci.runtime_spec import Device, Mount, Spec
     from cocon.runtime.cgroups import Cgroup
@@ -131,13 +129,25 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-@contextmanager
-def target_in_root(rootfd: int, destination: str, *, directory: bool) -> Iterator[str]:
-    fd = make_in_root(rootfd, destination, directory=directory)
-    try:
-        yield fd_path(fd)
-    finally:
-        os.close(fd)
+class _PathFd:
+    """`with` an O_PATH fd opened inside the rootfs: gives the fd (`as_path`: /proc/self/fd/N, which
+    mount(2) follows to it), closes it on exit. A class rather than @contextmanager: contextlib is
+    not imported on the hot path."""
+
+    def __init__(self, fd: int, *, as_path: bool) -> None:
+        self.fd = fd
+        self.as_path = as_path
+
+    def __enter__(self) -> Any:
+        return fd_path(self.fd) if self.as_path else self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def target_in_root(rootfd: int, destination: str, *, directory: bool) -> _PathFd:
+    """The destination created inside the rootfs if missing, as a /proc/self/fd path to mount on."""
+    return _PathFd(make_in_root(rootfd, destination, directory=directory), as_path=True)
 
 
 def locked_flags(path: str) -> int:
@@ -203,7 +213,7 @@ class RootfsSetup:
         except OSError as exc:
             raise mount_error(m, exc) from None
 
-    def _at(self, destination: str, *, directory: bool = True) -> contextlib.AbstractContextManager[str]:
+    def _at(self, destination: str, *, directory: bool = True) -> _PathFd:
         """The destination, resolved afresh: after a mount, the old fd still names what is under it."""
         return target_in_root(self.rootfd, destination, directory=directory)
 
@@ -365,14 +375,10 @@ def _host_device_path(mode: int, major: int, minor: int, path: str) -> str:
     )
 
 
-@contextmanager
-def _dir_fd(rootfd: int, path: str, create: bool = False) -> Iterator[int]:
+def _dir_fd(rootfd: int, path: str, create: bool = False) -> _PathFd:
+    """A directory inside the rootfs as an O_PATH fd, which works as dir_fd for *at() calls."""
     fd = make_in_root(rootfd, path, directory=True) if create else open_in_root(rootfd, path)
-    try:
-        # an O_PATH fd works as dir_fd for *at() calls
-        yield fd
-    finally:
-        os.close(fd)
+    return _PathFd(fd, as_path=False)
 
 
 # --- pivot_root and what follows it --------------------------------------------------------------

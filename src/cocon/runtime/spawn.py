@@ -17,16 +17,17 @@ the runtime before the first fork and inherited), so processes in the container 
 
 from __future__ import annotations
 
-import json
+import _socket  # the C module: `socket` wraps it in enums, costly to import
 import os
-import socket
 import sys
 
+from cocon import _fastjson as json
 from cocon._typing import TYPE_CHECKING
 from cocon.runtime import linux as L
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:
+    from _socket import socket as Socket
     from collections.abc import Callable
     from typing import Any
 
@@ -38,20 +39,27 @@ _MAX_MSG = 65536
 
 
 # --- the handshake channel ----------------------------------------------------------------------
-def send(sock: socket.socket, kind: str, fds: list[int] | None = None, **payload: Any) -> None:
+def send(sock: Socket, kind: str, fds: list[int] | None = None, **payload: Any) -> None:
     data = json.dumps({"type": kind, **payload}).encode()
     if fds:
-        socket.send_fds(sock, [data], fds)
+        rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+        sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
     else:
         sock.send(data)
 
 
-def recv(sock: socket.socket, expect: str, what: str) -> tuple[dict[str, Any], list[int]]:
+def recv(sock: Socket, expect: str, what: str) -> tuple[dict[str, Any], list[int]]:
     """Receive one message; an error message or a closed channel becomes a RuntimeFailure."""
     try:
-        data, fds, _, _ = socket.recv_fds(sock, _MAX_MSG, 4)
+        data, ancillary, _, _ = sock.recvmsg(_MAX_MSG, _socket.CMSG_LEN(4 * 4))
     except OSError as exc:
         raise RuntimeFailure(f"{what}: lost contact with the container process: {exc.strerror}") from None
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(
+                int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)
+            )
     if not data:
         raise RuntimeFailure(f"{what}: the container process exited unexpectedly")
     msg: dict[str, Any] = json.loads(data)
@@ -64,7 +72,7 @@ def recv(sock: socket.socket, expect: str, what: str) -> tuple[dict[str, Any], l
     return msg, fds
 
 
-def _child_fail(sock: socket.socket, exc: BaseException) -> None:
+def _child_fail(sock: Socket, exc: BaseException) -> None:
     """Report an error from a child stage to the runtime, then exit the child."""
     if isinstance(exc, RuntimeFailure):
         message = str(exc)
@@ -143,7 +151,7 @@ def plan_exec_namespaces(init_pid: int) -> NamespacePlan:
     return plan
 
 
-def _join_and_unshare(plan: NamespacePlan, sock: socket.socket) -> None:
+def _join_and_unshare(plan: NamespacePlan, sock: Socket) -> None:
     for ns_type, path in plan.joins:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -196,15 +204,15 @@ def write_id_maps(pid: int, plan: NamespacePlan) -> None:
 def staged_fork(
     plan: NamespacePlan,
     cgroup: Cgroup | None,
-    child_main: Callable[[socket.socket], None],
+    child_main: Callable[[Socket], None],
     what: str,
     preserve_fds: int = 0,
-) -> tuple[int, socket.socket]:
+) -> tuple[int, Socket]:
     """Fork through stage 1 into the namespaces; return (pid of stage 2, runtime's socket).
 
     `child_main` runs in stage 2 with the child's end of the socket and must never return.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     stage1 = os.fork()
     if stage1 == 0:  # stage 1
         ours.close()
@@ -283,7 +291,7 @@ class InitConfig:
         self.container_id = container_id
 
 
-def init_main(cfg: InitConfig, sock: socket.socket) -> None:
+def init_main(cfg: InitConfig, sock: Socket) -> None:
     """Stage 2 of create: build the container around ourselves, wait for `start`, exec."""
     from cocon.runtime import hooks, process, rootfs
 
@@ -374,7 +382,7 @@ class ExecConfig:
         self.preserve_fds = preserve_fds
 
 
-def exec_main(cfg: ExecConfig, sock: socket.socket) -> None:
+def exec_main(cfg: ExecConfig, sock: Socket) -> None:
     from cocon.runtime import process
 
     proc = cfg.process

@@ -8,7 +8,6 @@ with the same pid) is `stopped`; while the exec FIFO exists it is `created`; a f
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ from cocon._typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Any
 
+from cocon import _fastjson as json
 from cocon.runtime.errors import ContainerNotFound, RuntimeFailure
 
 STATE_FILE = "state.json"
@@ -128,13 +128,13 @@ class StateDir:
     def save(self, state: ContainerState) -> None:
         tmp = os.path.join(self.path, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(state.to_dict(), f)
+            f.write(json.dumps(state.to_dict()))
         os.rename(tmp, os.path.join(self.path, STATE_FILE))
 
     def load(self) -> ContainerState:
         try:
             with open(os.path.join(self.path, STATE_FILE)) as f:
-                data = json.load(f)
+                data = json.loads(f.read())
         except FileNotFoundError:
             raise ContainerNotFound(f"container {self.id!r} does not exist") from None
         except ValueError as exc:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: `signal` wraps it in enums, costly to import
 import os
-import signal
 import time
 
 from cocon._typing import TYPE_CHECKING
