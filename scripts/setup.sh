@@ -37,3 +37,22 @@ if [ "$(cat "$venv/.cocon-installed" 2>/dev/null)" != "$stamp" ]; then
     "$venv/bin/python" -m pip install -q -e '.[dev]'
     echo "$stamp" > "$venv/.cocon-installed"
 fi
+
+# cocon-runtime is started once per container, so its launcher skips `site` (python -S): that saves
+# about a third of the interpreter's start-up. It needs nothing from site-packages but cocon itself
+# and, when a seccomp profile is first compiled, libseccomp's bindings from Debian's dist-packages.
+launcher="$venv/bin/cocon-runtime"
+if ! grep -q 'python -S' "$launcher" 2>/dev/null; then
+    cat > "$launcher" <<LAUNCHER
+#!$PWD/$venv/bin/python -S
+# Written by scripts/setup.sh (see there why -S).
+import sys
+sys.path.insert(0, "$PWD/src")
+sys.path.append("/usr/lib/python3/dist-packages")
+from cocon.runtime.cli import entry
+entry()
+LAUNCHER
+    chmod 755 "$launcher"
+fi
+# Byte-compile cocon so that no command pays for compiling it (PYTHONDONTWRITEBYTECODE may be set).
+"$venv/bin/python" -m compileall -q src >/dev/null

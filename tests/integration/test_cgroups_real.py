@@ -259,7 +259,8 @@ def test_processes_freeze_thaw_kill_destroy(lab: Lab, tmp_path: Path) -> None:
     proc = lab.spawn(cg, ["sh", "-c", loop])
     assert wait_for(lambda: counter.exists() and counter.read_text().strip() not in ("", "1"))
     assert proc.pid in cg.pids()
-    assert cgroup_from_state(json.loads(json.dumps(cg.to_state()))).pids() == cg.pids()
+    # the loop forks `sleep` all the time: compare what does not change
+    assert proc.pid in cgroup_from_state(json.loads(json.dumps(cg.to_state()))).pids()
 
     cg.freeze()
     assert cg.frozen()

@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["--version"], ["-v"]):  # asked for by podman and conmon before every container
+        print(f"cocon-runtime version {__version__}\nspec: {SPEC_VERSION}")
+        return 0
     args = fast_parse(argv) or build_parser().parse_args(argv)
     LOG.path, LOG.format, LOG.debug = args.log, args.log_format, args.debug
     if args.systemd_cgroup:

@@ -25,6 +25,7 @@ from cocon.runtime.state import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from cocon.oci.runtime_spec import Hook, Linux, Process, Resources, Spec
@@ -86,10 +87,34 @@ class Runtime:
     ) -> tuple[ContainerState, int]:
         """Create the container; return its state and the pty master (-1 without a terminal, or when
         it was handed to the console socket)."""
+        from cocon.runtime.cgroups import start_attach_warm_up
+
+        validate_id(container_id)
+        # The kernel's wait on a process's first cgroup move (an RCU grace period) overlaps with
+        # reading the config and making the cgroup; the real move right after the fork is then fast.
+        attach_warmed_up = start_attach_warm_up()
+        try:
+            return self._create(container_id, bundle, attach_warmed_up, pid_file=pid_file,
+                                console_socket=console_socket, preserve_fds=preserve_fds,
+                                new_keyring=new_keyring, foreground=foreground)  # fmt: skip
+        finally:
+            attach_warmed_up()
+
+    def _create(
+        self,
+        container_id: str,
+        bundle: str,
+        attach_warmed_up: Callable[[], None],
+        *,
+        pid_file: str | None,
+        console_socket: str | None,
+        preserve_fds: int,
+        new_keyring: bool,
+        foreground: bool,
+    ) -> tuple[ContainerState, int]:
         from cocon.oci.runtime_spec import load_config
         from cocon.runtime import process
 
-        validate_id(container_id)
         bundle = os.path.abspath(bundle)
         spec = load_config(os.path.join(bundle, "config.json"))
         proc = spec.process
@@ -135,7 +160,7 @@ class Runtime:
             with open(os.path.join(bundle, "config.json"), "rb") as src, open(sd.config_copy, "wb") as dst:
                 dst.write(src.read())
             master, init_pid, cgroup = self._spawn_init(
-                spec, sd, state, bundle, rootfs, preserve_fds, new_keyring
+                spec, sd, state, bundle, rootfs, preserve_fds, new_keyring, attach_warmed_up
             )
             if master >= 0 and console_sock is not None:
                 from cocon.runtime import console
@@ -166,39 +191,49 @@ class Runtime:
         rootfs: str,
         preserve_fds: int,
         new_keyring: bool,
+        attach_warmed_up: Callable[[], None],
     ) -> tuple[int, int, Cgroup | None]:
-        from cocon.runtime import hooks, process, spawn
+        from cocon.runtime import hooks, spawn
         from cocon.runtime.cgroups import open_cgroup
 
         linux = spec.linux
         assert linux is not None
         cgroup = open_cgroup(linux.cgroups_path, state.id)
-        cgroup.create(with_default_device_rules(linux))
         state.cgroup = cgroup.to_state()
         init_pid = 0
         try:
+            try:
+                cgroup.create(with_default_device_rules(linux))
+                seccomp = self._compiled_seccomp(spec)
+            finally:
+                attach_warmed_up()  # no other thread may run when we fork
             old_umask = os.umask(0)
             try:
                 os.mkfifo(sd.fifo, 0o622)
             finally:
                 os.umask(old_umask)
             plan = spawn.plan_namespaces(spec)
-            assert spec.process is not None
-            process.preload(spec.process)
+            proc = spec.process
+            assert proc is not None
             cfg = spawn.InitConfig(
                 spec=spec,
                 bundle=bundle,
                 rootfs=rootfs,
                 plan=plan,
                 cgroup=cgroup,
-                seccomp=self._compiled_seccomp(spec),
+                seccomp=seccomp,
                 preserve_fds=preserve_fds,
                 new_keyring=new_keyring,
                 container_id=state.id,
             )
             L.prctl(L.PR_SET_DUMPABLE, 0)
             init_pid, sock = spawn.staged_fork(
-                plan, cgroup, lambda sock: spawn.init_main(cfg, sock), "create", preserve_fds
+                plan,
+                cgroup.add,
+                lambda sock: spawn.init_main(cfg, sock),
+                "create",
+                preserve_fds,
+                warm_up=lambda: spawn.warm_up_init(proc),
             )
             try:
                 spawn.recv(sock, "mounted", "create")
@@ -230,8 +265,6 @@ class Runtime:
         return compiled_filter(spec.linux.seccomp, os.path.join(self.root, SECCOMP_CACHE))
 
     def start(self, container_id: str) -> None:
-        from cocon.runtime import hooks
-
         sd, lock, state, status = self._load(container_id)
         try:
             if status != "created":
@@ -239,15 +272,21 @@ class Runtime:
                     f"cannot start container {container_id!r}: it is {status}; only a created container "
                     "can be started"
                 )
-            _release_init(sd.fifo, state.pid)
-            os.unlink(sd.fifo)
-            state.status = "running"
-            sd.save(state)
-            poststart = _hooks_of(sd, "poststart")
-            if poststart:
-                hooks.run_hooks("poststart", poststart, state.to_oci("running"), fatal=False)
+            self._start(sd, state)
         finally:
             os.close(lock)
+
+    def _start(self, sd: StateDir, state: ContainerState) -> None:
+        """Let a created container's init exec the user's process (lock held, state checked)."""
+        from cocon.runtime import hooks
+
+        _release_init(sd.fifo, state.pid)
+        os.unlink(sd.fifo)
+        state.status = "running"
+        sd.save(state)
+        poststart = _hooks_of(sd, "poststart")
+        if poststart:
+            hooks.run_hooks("poststart", poststart, state.to_oci("running"), fatal=False)
 
     def run(
         self,
@@ -273,12 +312,13 @@ class Runtime:
             new_keyring=new_keyring,
             foreground=not detach,
         )
+        sd = StateDir(self.root, container_id)
         if detach:
-            self.start(container_id)
+            self._locked(sd, lambda: self._start(sd, state))
             return 0
         forward = _forward_signals(state.pid)
         try:
-            self.start(container_id)
+            self._locked(sd, lambda: self._start(sd, state))
             if master >= 0:
                 from cocon.runtime import console
 
@@ -292,8 +332,20 @@ class Runtime:
             if master >= 0:
                 os.close(master)
         if not keep:
-            self.delete(container_id, force=True)
+            # the init was our child and is reaped: the container is stopped
+            try:
+                self._locked(sd, lambda: self._delete(sd, state, "stopped"))
+            except ContainerNotFound:
+                pass  # deleted by someone else meanwhile
         return status
+
+    @staticmethod
+    def _locked(sd: StateDir, action: Callable[[], None]) -> None:
+        lock = sd.lock()
+        try:
+            action()
+        finally:
+            os.close(lock)
 
     # -- signals and pause ------------------------------------------------------------------------
     def kill(self, container_id: str, sig: int, all_processes: bool = False) -> None:
@@ -337,9 +389,6 @@ class Runtime:
 
     # -- delete --------------------------------------------------------------------------------
     def delete(self, container_id: str, force: bool = False) -> None:
-        from cocon.runtime import hooks
-
-        sd = self._dir(container_id)
         try:
             sd, lock, state, status = self._load(container_id)
         except ContainerNotFound:
@@ -352,16 +401,22 @@ class Runtime:
                     f"cannot delete container {container_id!r}: it is {status}; stop it first (kill) or "
                     "use delete --force"
                 )
-            cgroup = _cgroup(state) if state.cgroup else None
-            if status == "paused" and cgroup is not None:
-                cgroup.thaw()
-            _destroy(state.pid if status != "stopped" else 0, cgroup, state.pid_start_time)
-            poststop = _hooks_of(sd, "poststop")
-            if poststop:
-                hooks.run_hooks("poststop", poststop, state.to_oci("stopped"), fatal=False)
-            sd.remove()
+            self._delete(sd, state, status)
         finally:
             os.close(lock)
+
+    def _delete(self, sd: StateDir, state: ContainerState, status: str) -> None:
+        """Kill what is left, remove the cgroup, run poststop hooks, forget the container."""
+        from cocon.runtime import hooks
+
+        cgroup = _cgroup(state) if state.cgroup else None
+        if status == "paused" and cgroup is not None:
+            cgroup.thaw()
+        _destroy(state.pid if status != "stopped" else 0, cgroup, state.pid_start_time)
+        poststop = _hooks_of(sd, "poststop")
+        if poststop:
+            hooks.run_hooks("poststop", poststop, state.to_oci("stopped"), fatal=False)
+        sd.remove()
 
     # -- exec ----------------------------------------------------------------------------------
     def load_spec(self, container_id: str) -> Spec:
@@ -395,7 +450,6 @@ class Runtime:
 
                 console_sock = console.connect_console_socket(console_socket)
             plan = spawn.plan_exec_namespaces(state.pid)
-            process.preload(proc)
             cfg = spawn.ExecConfig(
                 process=proc,
                 seccomp=self._compiled_seccomp(spec),
@@ -406,7 +460,12 @@ class Runtime:
             L.prctl(L.PR_SET_DUMPABLE, 0)
             cgroup = _cgroup(state) if state.cgroup else None
             pid, sock = spawn.staged_fork(
-                plan, cgroup, lambda sock: spawn.exec_main(cfg, sock), "exec", preserve_fds
+                plan,
+                cgroup.add if cgroup is not None else None,
+                lambda sock: spawn.exec_main(cfg, sock),
+                "exec",
+                preserve_fds,
+                warm_up=lambda: process.preload(proc),
             )
             try:
                 _, fds = spawn.recv(sock, "ready", "exec")

@@ -203,13 +203,17 @@ def write_id_maps(pid: int, plan: NamespacePlan) -> None:
 
 def staged_fork(
     plan: NamespacePlan,
-    cgroup: Cgroup | None,
+    join_cgroup: Callable[[int], None] | None,
     child_main: Callable[[Socket], None],
     what: str,
     preserve_fds: int = 0,
+    warm_up: Callable[[], None] | None = None,
 ) -> tuple[int, Socket]:
     """Fork through stage 1 into the namespaces; return (pid of stage 2, runtime's socket).
 
+    `join_cgroup(stage1_pid)` runs in the runtime before stage 1 may go on, so that everything after
+    starts inside the cgroup. Meanwhile stage 1 runs `warm_up` (imports for the container side): a
+    cgroup's first attach waits for an RCU grace period, time the child can use.
     `child_main` runs in stage 2 with the child's end of the socket and must never return.
     """
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
@@ -222,6 +226,8 @@ def staged_fork(
         os.closerange(3 + preserve_fds, keep)
         os.closerange(keep + 1, 1 << 20)
         try:
+            if warm_up is not None:
+                warm_up()
             recv(theirs, "go", what)
             _join_and_unshare(plan, theirs)
             if plan.needs_second_fork:
@@ -237,8 +243,8 @@ def staged_fork(
         os._exit(1)
     theirs.close()
     try:
-        if cgroup is not None:
-            cgroup.add(stage1)
+        if join_cgroup is not None:
+            join_cgroup(stage1)
         send(ours, "go")
         if plan.new_userns:
             recv(ours, "userns", what)
@@ -289,6 +295,14 @@ class InitConfig:
         self.preserve_fds = preserve_fds
         self.new_keyring = new_keyring
         self.container_id = container_id
+
+
+def warm_up_init(proc: Process) -> None:
+    """Import what the container's init needs before it loses sight of the host's files."""
+    from cocon.runtime import capabilities, hooks, rootfs  # noqa: F401
+
+    if proc.terminal:
+        from cocon.runtime import console  # noqa: F401
 
 
 def init_main(cfg: InitConfig, sock: Socket) -> None:
