@@ -373,3 +373,41 @@ def test_missing_executable_is_reported_at_create(runtime: RuntimeCLI, bundle: B
     res = runtime("create", "--bundle", b.path, b.id, check=False)
     assert res.returncode == 1 and "/no/such/binary" in res.stderr
     assert_nothing_left(runtime, b.id, b.cgroups_path)
+
+
+def test_log_file_in_json(runtime: RuntimeCLI, bundle: BundleFactory, tmp_path: os.PathLike[str]) -> None:
+    log = os.path.join(str(tmp_path), "runtime.log")
+    res = runtime("--log", log, "--log-format", "json", "start", "no-such-container", check=False)
+    assert res.returncode == 1
+    with open(log) as f:
+        entry = json.loads(f.readline())
+    assert entry["level"] == "error" and "does not exist" in entry["msg"] and entry["time"]
+
+
+def test_spec_and_features(runtime: RuntimeCLI, tmp_path: os.PathLike[str]) -> None:
+    import shutil
+    import subprocess
+
+    bundle_dir = os.path.join(str(tmp_path), "fresh")
+    os.makedirs(bundle_dir)
+    runtime("spec", "--bundle", bundle_dir)
+    with open(os.path.join(bundle_dir, "config.json")) as f:
+        spec = json.load(f)
+    assert spec["process"]["noNewPrivileges"] is True and spec["linux"]["seccomp"]["defaultAction"]
+    assert spec["root"] == {"path": "rootfs", "readonly": True}
+    again = runtime("spec", "--bundle", bundle_dir, check=False)
+    assert again.returncode == 1 and "exists already" in again.stderr
+    # runc reads the starter config too: its `spec` validation accepts it
+    runc = shutil.which("runc")
+    assert runc is not None
+    os.makedirs(os.path.join(bundle_dir, "rootfs"))
+    check = subprocess.run([runc, "--root", os.path.join(str(tmp_path), "runc"), "create", "--bundle", bundle_dir,
+                            "probe"], capture_output=True, text=True, check=False)  # fmt: skip
+    # the rootfs is empty, so runc gets as far as exec'ing `sh`: the config itself was accepted
+    assert "config" not in check.stderr.lower() or "sh" in check.stderr, check.stderr
+    subprocess.run([runc, "--root", os.path.join(str(tmp_path), "runc"), "delete", "--force", "probe"],
+                   capture_output=True, check=False)  # fmt: skip
+    features = json.loads(runtime("features").stdout)
+    assert features["ociVersionMax"] == "1.2.0"
+    assert "CAP_SYS_ADMIN" in features["linux"]["capabilities"]
+    assert features["linux"]["cgroup"]["v2"] is True

@@ -351,3 +351,60 @@ def test_capability_sets_from_config(runtime: RuntimeCLI, bundle: BundleFactory)
     assert int(status_field(out, "CapAmb"), 16) == 1 << 13
     assert int(status_field(out, "CapEff"), 16) == 1 << 13
     assert int(status_field(out, "CapBnd"), 16) == (1 << 0) | (1 << 13)
+
+
+def test_domainname_oom_score_adj_and_cgroup_namespace(runtime: RuntimeCLI, bundle: BundleFactory) -> None:
+    def edit(spec: Spec) -> None:
+        assert spec.process is not None
+        spec.domainname = "example.test"
+        spec.process.oom_score_adj = 500
+
+    code, out, err = run_in(
+        runtime,
+        bundle,
+        "cat /proc/sys/kernel/domainname /proc/self/oom_score_adj /proc/self/cgroup",
+        edit=edit,
+    )
+    assert code == 0, err
+    lines = out.split("\n")
+    assert lines[0] == "example.test" and lines[1] == "500"
+    # in its own cgroup namespace the container sees its cgroup as the root of every hierarchy
+    cgroup_lines = [line for line in lines[2:] if line]
+    assert cgroup_lines and all(line.endswith(":/") for line in cgroup_lines), cgroup_lines
+
+
+def test_preserve_fds_passes_extra_descriptors(
+    runtime: RuntimeCLI, bundle: BundleFactory, tmp_path: os.PathLike[str]
+) -> None:
+    import tempfile
+
+    from runtime_helpers import COCON_RUNTIME
+
+    b = bundle("sh", "-c", "echo through-fd-3 >&3; ls /proc/self/fd | wc -l")
+    read_end, write_end = os.pipe()
+    out = tempfile.TemporaryFile()
+    try:
+        # the pipe's write end becomes fd 3 of cocon-runtime, then of the container
+        cmd = [COCON_RUNTIME, "--root", runtime.root, "run", "--preserve-fds", "1", "--bundle", b.path, b.id]
+        pid = os.posix_spawn(cmd[0], cmd, os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, write_end, 3), (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+        ])  # fmt: skip
+        os.close(write_end)
+        write_end = -1
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.read(read_end, 100) == b"through-fd-3\n"
+        out.seek(0)
+        # 0, 1, 2, 3 and the one ls opens: nothing else of the runtime leaks in
+        assert out.read().decode().strip() == "5"
+    finally:
+        os.close(read_end)
+        out.close()
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def test_preserve_fds_must_be_open(runtime: RuntimeCLI, bundle: BundleFactory) -> None:
+    b = bundle("true")
+    res = runtime("run", "--preserve-fds", "3", "--bundle", b.path, b.id, check=False)
+    assert res.returncode == 1 and "--preserve-fds 3: fd 3 is not open" in res.stderr

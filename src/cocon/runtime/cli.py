@@ -277,6 +277,7 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     rt = Runtime(args.root)
     if cmd in ("create", "run"):
+        _check_preserved_fds(args.preserve_fds)
         if args.no_pivot:
             raise RuntimeFailure("--no-pivot is not supported: cocon-runtime always uses pivot_root")
         if args.preserve_fds < 0:
@@ -320,6 +321,18 @@ def dispatch(args: argparse.Namespace) -> int:
     elif cmd == "exec":
         return _exec(rt, args)
     return 0
+
+
+def _check_preserved_fds(count: int) -> None:
+    """--preserve-fds N hands fds 3..3+N-1 to the container: each must be open, or the runtime's own
+    files would take their numbers and leak into the container."""
+    for fd in range(3, 3 + count):
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise RuntimeFailure(
+                f"--preserve-fds {count}: fd {fd} is not open; pass only fds you hold"
+            ) from None
 
 
 def _ps(rt: Any, args: argparse.Namespace) -> int:
@@ -366,6 +379,7 @@ def _list(rt: Any, args: argparse.Namespace) -> None:
 
 
 def _exec(rt: Any, args: argparse.Namespace) -> int:
+    _check_preserved_fds(args.preserve_fds)
     from cocon.oci.errors import ConfigError
     from cocon.oci.jsonobj import DecodeError, decode
     from cocon.oci.runtime_spec import Capabilities, Process, User, validate_process
