@@ -21,8 +21,6 @@ from cocon.oci.runtime_spec import Capabilities
 from cocon.runtime import capabilities as caps
 from cocon.runtime.errors import CapabilityError
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="changing capabilities and users needs root")
-
 UID = GID = 1000
 C = caps.CAPABILITIES
 

@@ -297,6 +297,30 @@ class InitConfig:
         self.container_id = container_id
 
 
+def _last_privileged_steps(proc: Process, seccomp: CompiledFilter | None, preserve_fds: int) -> str:
+    """rlimits, oom_score_adj, user, capabilities, no_new_privs (and seccomp when it cannot wait);
+    the preserved fds become inheritable. Returns the program to exec."""
+    from cocon.runtime import process
+
+    process.set_rlimits(proc.rlimits)
+    process.set_oom_score_adj(proc.oom_score_adj)
+    path = process.finalize(proc, seccomp)
+    for fd in range(3, 3 + preserve_fds):
+        try:
+            os.set_inheritable(fd, True)
+        except OSError:
+            pass
+    return path
+
+
+def _report_ready(sock: Socket, master: int) -> None:
+    """Tell the runtime we are ready (handing over the pty master, if any) and hang up."""
+    send(sock, "ready", fds=[master] if master >= 0 else None)
+    if master >= 0:
+        os.close(master)
+    sock.close()
+
+
 def warm_up_init(proc: Process) -> None:
     """Import what the container's init needs before it loses sight of the host's files."""
     from cocon.runtime import capabilities, hooks, rootfs  # noqa: F401
@@ -357,19 +381,9 @@ def init_main(cfg: InitConfig, sock: Socket) -> None:
                 L.join_session_keyring(cfg.container_id)
             except OSError:
                 pass  # keyrings may be unavailable (seccomp, old kernels): not fatal, as in runc
-        process.set_rlimits(proc.rlimits)
-        process.set_oom_score_adj(proc.oom_score_adj)
-        path = process.finalize(proc, cfg.seccomp)
-        for fd in range(3, 3 + cfg.preserve_fds):
-            try:
-                os.set_inheritable(fd, True)
-            except OSError:
-                pass
-        send(sock, "ready", fds=[master] if master >= 0 else None)
+        path = _last_privileged_steps(proc, cfg.seccomp, cfg.preserve_fds)
+        _report_ready(sock, master)
         ready_sent = True
-        if master >= 0:
-            os.close(master)
-        sock.close()
         # Block until `start` opens the FIFO for reading.
         wfd = os.open(f"/proc/self/fd/{fifo_fd}", os.O_WRONLY | os.O_CLOEXEC)
         os.write(wfd, b"0")
@@ -408,18 +422,8 @@ def exec_main(cfg: ExecConfig, sock: Socket) -> None:
             os.setsid()
             master, slave, _ = console.open_pty(proc.console_size)
             console.make_controlling(slave)
-        process.set_rlimits(proc.rlimits)
-        process.set_oom_score_adj(proc.oom_score_adj)
-        path = process.finalize(proc, cfg.seccomp)
-        for fd in range(3, 3 + cfg.preserve_fds):
-            try:
-                os.set_inheritable(fd, True)
-            except OSError:
-                pass
-        send(sock, "ready", fds=[master] if master >= 0 else None)
-        if master >= 0:
-            os.close(master)
-        sock.close()
+        path = _last_privileged_steps(proc, cfg.seccomp, cfg.preserve_fds)
+        _report_ready(sock, master)
         process.reset_signals()
         process.load_late_seccomp(proc, cfg.seccomp)
         process.exec_process(path, proc)
