@@ -62,7 +62,7 @@ def default_spec(*, rootless: bool = False, args: list[str] | None = None, termi
         resources=Resources(devices=[DeviceCgroup(allow=False, access="rwm")]),
         masked_paths=list(DEFAULT_MASKED_PATHS),
         readonly_paths=list(DEFAULT_READONLY_PATHS),
-        seccomp=docker_default_seccomp(caps),
+        seccomp=docker_default_seccomp(caps, os.uname().machine),
     )
     if rootless:
         uid, gid = os.getuid(), os.getgid()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from cocon import _fastjson as json
@@ -53,10 +52,3 @@ def run_hook(hook: Hook, payload: bytes) -> None:
         out = proc.stdout.decode(errors="replace").strip()
         how = f"exit status {proc.returncode}" if proc.returncode > 0 else f"signal {-proc.returncode}"
         raise RuntimeFailure(f"failed with {how}" + (f": {out}" if out else ""))
-
-
-def hook_env_check(hooks: list[Hook] | None) -> None:
-    """Hooks whose program is missing fail before the container is made, not half-way."""
-    for hook in hooks or ():
-        if not os.access(hook.path, os.X_OK):
-            raise RuntimeFailure(f"hook {hook.path} does not exist or is not executable")
