@@ -231,10 +231,15 @@ def staged_fork(
             recv(theirs, "go", what)
             _join_and_unshare(plan, theirs)
             if plan.needs_second_fork:
+                # Stage 2 shares the socket: it must not speak before stage 1 has reported its pid.
+                reported_r, reported_w = os.pipe()
                 stage2 = os.fork()
                 if stage2 != 0:
                     send(theirs, "pid", pid=stage2)
-                    os._exit(0)
+                    os._exit(0)  # closes reported_w: stage 2's read below returns
+                os.close(reported_w)
+                os.read(reported_r, 1)
+                os.close(reported_r)
             else:
                 send(theirs, "pid", pid=os.getpid())
             child_main(theirs)
