@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cocon.runtime import linux as L
+from cocon import _linux as L
 from cocon.runtime.container import parse_signal
 from cocon.runtime.errors import RuntimeFailure
 from cocon.runtime.rootfs import MountOptions

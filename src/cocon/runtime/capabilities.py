@@ -21,8 +21,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from cocon import _linux as L
 from cocon._typing import TYPE_CHECKING, record
-from cocon.runtime import linux as L
 from cocon.runtime.errors import CapabilityError
 
 if TYPE_CHECKING:

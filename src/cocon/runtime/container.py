@@ -12,8 +12,8 @@ import os
 import select
 import time
 
+from cocon import _linux as L
 from cocon._typing import TYPE_CHECKING
-from cocon.runtime import linux as L
 from cocon.runtime.errors import ContainerExists, ContainerNotFound, InvalidState, RuntimeFailure
 from cocon.runtime.state import (
     ContainerState,

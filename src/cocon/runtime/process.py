@@ -13,8 +13,8 @@ import os
 import resource
 import stat
 
+from cocon import _linux as L
 from cocon._typing import TYPE_CHECKING
-from cocon.runtime import linux as L
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:

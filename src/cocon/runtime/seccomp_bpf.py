@@ -15,8 +15,8 @@ import ctypes
 import errno
 import os
 
+from cocon import _linux as L
 from cocon._typing import TYPE_CHECKING
-from cocon.runtime import linux as L
 from cocon.runtime.errors import SeccompError
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ import os
 import sys
 
 from cocon import _fastjson as json
+from cocon import _linux as L
 from cocon._typing import TYPE_CHECKING
-from cocon.runtime import linux as L
 from cocon.runtime.errors import RuntimeFailure
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ import ctypes
 import errno
 import os
 
+from cocon._linux import SYS_bpf, syscall
 from cocon.runtime.errors import CgroupError
-from cocon.runtime.linux import SYS_bpf, syscall
 
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
