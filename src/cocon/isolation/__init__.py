@@ -1,0 +1,1 @@
+"""One Driver protocol for instances, and its container, microvm and vm implementations."""
