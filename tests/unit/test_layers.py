@@ -568,6 +568,19 @@ def test_truncated_tar_at_a_header_boundary_is_caught(lower: Path) -> None:
     refused(cut, lower, LayerError, "end-of-archive|truncated")
 
 
+def test_missing_end_marker_is_accepted_when_the_diff_id_checks(lower: Path, tmp_path: Path) -> None:
+    """umoci 0.4.7 writes layers without the end-of-archive marker; Go's tar reader accepts them."""
+    plain = build(E("f", data=b"x" * 512), E("g", data=b"hi\n"))
+    for cut in (plain[: 512 * 2], plain[: 512 * 3 + 3]):  # no end marker; no padding either
+        dest = tmp_path / f"dest{len(cut)}"
+        dest.mkdir()
+        diff_id = "sha256:" + hashlib.sha256(cut).hexdigest()
+        assert apply_layer(io.BytesIO(cut), dest, expected_diff_id=diff_id).diff_id == diff_id
+        assert (dest / "f").read_bytes() == b"x" * 512
+        refused(cut, dest, LayerError, "end-of-archive|truncated")  # nothing to check it against
+        refused(cut[:-1], dest, LayerError, "diff|truncated", expected_diff_id=diff_id)
+
+
 def test_corrupt_header_in_the_middle_is_caught(lower: Path) -> None:
     plain = bytearray(build(E(".wh.etc"), E("f", data=b"x"), E("g", data=b"y")))
     with tarfile.open(fileobj=io.BytesIO(bytes(plain))) as tf:

@@ -282,10 +282,12 @@ class LayerReader:
         media_type: str | None = None,
         max_size: int | None = None,
         name: str = "layer",
+        allow_missing_end: bool = False,
     ) -> None:
         self._raw = raw
         self._close_raw = close_raw
         self.name = name
+        self._allow_missing_end = allow_missing_end
         self._ended = False
         try:
             head = _Prefixed(raw)
@@ -329,6 +331,9 @@ class LayerReader:
             except LayerError:
                 raise
             except (tarfile.TarError, EOFError, zlib.error) as e:
+                if self._allow_missing_end and str(e) == "unexpected end of data":
+                    self._ended = True  # the last member's padding is missing too: see open_layer
+                    return
                 raise LayerError(f"{self.name} is corrupt or truncated: {e}") from e
             if member is None:
                 self._ended = True
@@ -342,6 +347,8 @@ class LayerReader:
         if err is None or isinstance(err, _EOFHeaderError):
             return
         if isinstance(err, _EmptyHeaderError):
+            if self._allow_missing_end:
+                return
             raise LayerError(f"{self.name} ends without the tar end-of-archive marker: it is truncated")
         if isinstance(err, _TruncatedHeaderError):
             raise LayerError(f"{self.name} ends in the middle of a tar header: it is truncated")
@@ -380,18 +387,35 @@ def open_layer(
     media_type: str | None = None,
     *,
     max_size: int | None = None,
+    allow_missing_end: bool = False,
 ) -> LayerReader:
     """Open a layer blob for streaming. The compression (gzip, zstd or none) is detected from the
     content's magic bytes; `media_type` is only a hint and may disagree. A path is closed with the
-    reader; a file object is left open. `max_size` caps the uncompressed size (decompression bombs)."""
+    reader; a file object is left open. `max_size` caps the uncompressed size (decompression bombs).
+    `allow_missing_end` accepts a stream that stops after the last member's data, without its
+    padding or the end-of-archive marker, as Go's archive/tar does (umoci 0.4.7 writes such
+    layers); only safe when the caller checks the diff_id, which catches any truncation."""
     if isinstance(path_or_fileobj, (str, os.PathLike)):
         path = os.fspath(path_or_fileobj)
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed by LayerReader.close
         except OSError as e:
             raise LayerError(f"cannot open layer {path}: {e.strerror}") from e
-        return LayerReader(f, close_raw=True, media_type=media_type, max_size=max_size, name=f"layer {path}")
-    return LayerReader(path_or_fileobj, close_raw=False, media_type=media_type, max_size=max_size)
+        return LayerReader(
+            f,
+            close_raw=True,
+            media_type=media_type,
+            max_size=max_size,
+            name=f"layer {path}",
+            allow_missing_end=allow_missing_end,
+        )
+    return LayerReader(
+        path_or_fileobj,
+        close_raw=False,
+        media_type=media_type,
+        max_size=max_size,
+        allow_missing_end=allow_missing_end,
+    )
 
 
 # --- member names, ids, times, xattrs ---------------------------------------------------------------
@@ -1267,10 +1291,10 @@ def _apply(
         # 1. Stage and validate every member; hash the uncompressed stream.
         stager = _Stager(tree_fd, overlay_xattr, tuple(parent_fds))
         try:
-            if isinstance(layer, (str, os.PathLike)):
-                reader = open_layer(layer, media_type, max_size=max_size)
-            else:
-                reader = LayerReader(layer, close_raw=False, media_type=media_type, max_size=max_size)
+            # With a diff_id to check, a missing end-of-archive marker is harmless (Go's tar reader
+            # accepts it too): a truncated stream cannot hash to the expected diff_id.
+            lenient = expected_diff_id is not None
+            reader = open_layer(layer, media_type, max_size=max_size, allow_missing_end=lenient)
             with reader:
                 stager.run(reader)
                 diff_id, size = reader.finish()
