@@ -54,5 +54,8 @@ entry()
 LAUNCHER
     chmod 755 "$launcher"
 fi
+# Offline Debian packages for the tests' debian:bookworm image.
+scripts/debian-tarball.sh
+
 # Byte-compile cocon so that no command pays for compiling it (PYTHONDONTWRITEBYTECODE may be set).
 "$venv/bin/python" -m compileall -q src >/dev/null
