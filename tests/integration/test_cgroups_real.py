@@ -285,6 +285,64 @@ def test_processes_freeze_thaw_kill_destroy(lab: Lab, tmp_path: Path) -> None:
         assert not os.path.exists(d)
 
 
+@pytest.mark.parametrize("where", ["host", "cgroup2"])
+def test_enter_moves_the_calling_process_into_every_hierarchy(lab: Lab, where: str) -> None:
+    unified = read_cgroup_mounts().unified
+    assert unified is not None, "this test needs a cgroup2 mount (v2 or hybrid hosts)"
+    cg: Cgroup = lab.open() if where == "host" else lab.v2_at(unified)
+    cg.create(None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # single-threaded, as enter() requires
+        code = 1
+        try:
+            os.close(r)
+            cg.enter()
+            with open("/proc/self/cgroup", "rb") as f:
+                os.write(w, f.read())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        lines = f.read().decode().splitlines()  # "ID:CONTROLLERS:PATH"
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert sum(line.split(":", 2)[2] == cg.path for line in lines) == len(cg.container_mounts()), lines
+
+
+def test_destroy_if_empty_leaves_a_busy_cgroup_alone(lab: Lab) -> None:
+    cg = lab.open()
+    cg.create(None)
+    sleeper = lab.spawn(cg, ["sleep", "60"])
+    assert not cg.destroy_if_empty()
+    assert all(os.path.isdir(d) for _, d in cg.container_mounts())
+    sleeper.kill()
+    sleeper.wait(timeout=10)
+    assert wait_for(lambda: cg.pids() == [])
+    assert cg.destroy_if_empty()
+    assert not any(os.path.exists(d) for _, d in cg.container_mounts())
+    assert cg.destroy_if_empty()  # gone already
+
+
+def test_attach_warm_up_thread_is_gone_after_wait() -> None:
+    import threading
+
+    from cocon.runtime import cgroups
+
+    threads = threading.active_count()
+    early = cgroups.start_attach_warm_up(early=True)
+    assert cgroups.start_attach_warm_up() is early  # the next caller takes the early one
+    fresh = cgroups.start_attach_warm_up()
+    assert fresh is not early
+    for wait in (early, fresh, early):
+        wait()
+    assert threading.active_count() == threads
+    # An early warm-up nobody took is let go by its own wait.
+    unused = cgroups.start_attach_warm_up(early=True)
+    unused()
+    assert cgroups.start_attach_warm_up() is not unused
+
+
 def test_kill_all_with_sigterm(lab: Lab) -> None:
     cg = lab.open()
     cg.create(None)

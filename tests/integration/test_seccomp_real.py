@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
+from cocon import _linux as linux
 from cocon.oci.runtime_spec import Seccomp, SeccompArg, SeccompSyscall
 from cocon.oci.seccomp_profiles import docker_default_seccomp
-from cocon.runtime import capabilities, linux
+from cocon.runtime import capabilities
 from cocon.runtime import seccomp as rsc
 from cocon.runtime.capabilities import DOCKER_DEFAULT_CAPABILITIES
 from cocon.runtime.errors import SeccompError

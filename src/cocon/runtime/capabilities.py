@@ -12,13 +12,12 @@ sets them in the container's init right before execve, in the order runc uses:
 A name cocon knows but the running kernel does not (a number above /proc/sys/kernel/cap_last_cap)
 is dropped silently, as runc does; a name nobody knows is an error naming the spec field.
 
-This module is on the hot path of `create`/`start`: it imports only ctypes (via `linux`), typing
+This module is on the hot path of `create`/`start`: it imports only `cocon._linux` (for ctypes), typing
 and the errors module.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 from cocon import _linux as L
@@ -217,15 +216,15 @@ def resolve(caps: Capabilities | None) -> ResolvedCaps:
     )
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _CapHeader(L.Structure):
+    _fields_ = [("version", L.c_uint32), ("pid", L.c_int)]
 
 
-class _CapData(ctypes.Structure):
+class _CapData(L.Structure):
     _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
+        ("effective", L.c_uint32),
+        ("permitted", L.c_uint32),
+        ("inheritable", L.c_uint32),
     ]
 
 
@@ -238,8 +237,8 @@ def capget() -> tuple[int, int, int]:
     data = _CapDataPair()
     L.syscall(
         L.SYS_capget,
-        ctypes.c_void_p(ctypes.addressof(hdr)),
-        ctypes.c_void_p(ctypes.addressof(data)),
+        L.c_void_p(L.addressof(hdr)),
+        L.c_void_p(L.addressof(data)),
         what="capget",
     )
     lo, hi = data[0], data[1]
@@ -261,8 +260,8 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
     L.syscall(
         L.SYS_capset,
-        ctypes.c_void_p(ctypes.addressof(hdr)),
-        ctypes.c_void_p(ctypes.addressof(data)),
+        L.c_void_p(L.addressof(hdr)),
+        L.c_void_p(L.addressof(data)),
         what="capset",
     )
 

@@ -79,10 +79,16 @@ _GLOBAL_VALUES = {"--root": "root", "--log": "log", "--log-format": "log_format"
 _GLOBAL_BOOLS = {"--debug": "debug", "--systemd-cgroup": "systemd_cgroup"}
 
 
+class _Args:
+    """fast_parse's result: the options as attributes, like argparse.Namespace (`types` is not imported
+    for SimpleNamespace either)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
 def fast_parse(argv: list[str]) -> Any | None:
     """Parse the hot commands' command lines; None means "let argparse do it" (help, errors, the rest)."""
-    from types import SimpleNamespace
-
     ns: dict[str, Any] = {
         "root": os.environ.get("COCON_RUNTIME_ROOT", DEFAULT_ROOT), "log": None, "log_format": "text",
         "debug": False, "systemd_cgroup": False, "rootless": "false", "criu": None, "bundle": ".",
@@ -118,7 +124,7 @@ def fast_parse(argv: list[str]) -> Any | None:
     if ns["log_format"] not in ("text", "json") or not str(ns["preserve_fds"]).isdigit():
         return None
     ns["preserve_fds"] = int(ns["preserve_fds"])
-    return SimpleNamespace(**ns)
+    return _Args(ns)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +268,21 @@ def entry() -> NoReturn:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command not in ("create", "run", "exec"):
+        return _dispatch(args)
+    _check_preserved_fds(args.preserve_fds)
+    # As early as possible, so that the grace period it waits for overlaps with the imports too
+    # (and after the check: its file must not take the number of an fd to preserve).
+    from cocon.runtime.cgroups import start_attach_warm_up
+
+    warmed_up = start_attach_warm_up(early=True)
+    try:
+        return _dispatch(args)
+    finally:
+        warmed_up()  # when the command failed before using it
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     from cocon.runtime.container import Runtime, parse_signal
 
     cmd = args.command
@@ -277,7 +298,6 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     rt = Runtime(args.root)
     if cmd in ("create", "run"):
-        _check_preserved_fds(args.preserve_fds)
         if args.no_pivot:
             raise RuntimeFailure("--no-pivot is not supported: cocon-runtime always uses pivot_root")
         if args.preserve_fds < 0:
@@ -379,7 +399,6 @@ def _list(rt: Any, args: argparse.Namespace) -> None:
 
 
 def _exec(rt: Any, args: argparse.Namespace) -> int:
-    _check_preserved_fds(args.preserve_fds)
     from cocon.oci.errors import ConfigError
     from cocon.oci.jsonobj import DecodeError, decode
     from cocon.oci.runtime_spec import Capabilities, Process, User, validate_process

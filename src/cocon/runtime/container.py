@@ -91,7 +91,7 @@ class Runtime:
 
         validate_id(container_id)
         # The kernel's wait on a process's first cgroup move (an RCU grace period) overlaps with
-        # reading the config and making the cgroup; the real move right after the fork is then fast.
+        # reading the config; the real move right after the fork is then fast.
         attach_warmed_up = start_attach_warm_up()
         try:
             return self._create(container_id, bundle, attach_warmed_up, pid_file=pid_file,
@@ -197,14 +197,18 @@ class Runtime:
         from cocon.runtime.cgroups import open_cgroup
 
         linux = spec.linux
-        assert linux is not None
+        proc = spec.process
+        assert linux is not None and proc is not None
         cgroup = open_cgroup(linux.cgroups_path, state.id)
         state.cgroup = cgroup.to_state()
         init_pid = 0
         try:
             try:
-                cgroup.create(with_default_device_rules(linux))
+                # What needs no cgroup comes first: while the warm-up waits, it holds the kernel's
+                # cgroup mutex, which making the cgroup needs.
                 seccomp = self._compiled_seccomp(spec)
+                spawn.preload_init(proc)
+                cgroup.create(with_default_device_rules(linux))
             finally:
                 attach_warmed_up()  # no other thread may run when we fork
             old_umask = os.umask(0)
@@ -213,8 +217,6 @@ class Runtime:
             finally:
                 os.umask(old_umask)
             plan = spawn.plan_namespaces(spec)
-            proc = spec.process
-            assert proc is not None
             cfg = spawn.InitConfig(
                 spec=spec,
                 bundle=bundle,
@@ -229,11 +231,10 @@ class Runtime:
             L.prctl(L.PR_SET_DUMPABLE, 0)
             init_pid, sock = spawn.staged_fork(
                 plan,
-                cgroup.add,
+                cgroup.enter,
                 lambda sock: spawn.init_main(cfg, sock),
                 "create",
                 preserve_fds,
-                warm_up=lambda: spawn.warm_up_init(proc),
             )
             try:
                 spawn.recv(sock, "mounted", "create")
@@ -434,6 +435,40 @@ class Runtime:
         console_socket: str | None = None,
         preserve_fds: int = 0,
     ) -> int:
+        from cocon.runtime.cgroups import start_attach_warm_up
+
+        # As in create: the first cgroup move's grace period overlaps with reading state and config.
+        attach_warmed_up = start_attach_warm_up()
+        try:
+            pid, master = self._exec(container_id, proc, attach_warmed_up, detach=detach, pid_file=pid_file,
+                                     console_socket=console_socket, preserve_fds=preserve_fds)  # fmt: skip
+        finally:
+            attach_warmed_up()
+        if detach:
+            return 0
+        forward = _forward_signals(pid)
+        try:
+            if master >= 0:
+                from cocon.runtime import console
+
+                console.relay(master)
+                os.close(master)
+            return _wait_child(pid)
+        finally:
+            _restore_signals(forward)
+
+    def _exec(
+        self,
+        container_id: str,
+        proc: Process,
+        attach_warmed_up: Callable[[], None],
+        *,
+        detach: bool,
+        pid_file: str | None,
+        console_socket: str | None,
+        preserve_fds: int,
+    ) -> tuple[int, int]:
+        """Start the process of `exec`; return its pid and its pty master (-1 if none or handed over)."""
         from cocon.runtime import process, spawn
 
         _sd, lock, state, status = self._load(container_id)
@@ -455,17 +490,18 @@ class Runtime:
                 seccomp=self._compiled_seccomp(spec),
                 preserve_fds=preserve_fds,
             )
+            process.preload(proc)
             if not detach:
                 L.prctl(L.PR_SET_CHILD_SUBREAPER, 1)
             L.prctl(L.PR_SET_DUMPABLE, 0)
             cgroup = _cgroup(state) if state.cgroup else None
+            attach_warmed_up()  # no other thread may run when we fork
             pid, sock = spawn.staged_fork(
                 plan,
-                cgroup.add if cgroup is not None else None,
+                cgroup.enter if cgroup is not None else None,
                 lambda sock: spawn.exec_main(cfg, sock),
                 "exec",
                 preserve_fds,
-                warm_up=lambda: process.preload(proc),
             )
             try:
                 _, fds = spawn.recv(sock, "ready", "exec")
@@ -487,18 +523,7 @@ class Runtime:
                 _write_pid_file(pid_file, pid)
         finally:
             os.close(lock)
-        if detach:
-            return 0
-        forward = _forward_signals(pid)
-        try:
-            if master >= 0:
-                from cocon.runtime import console
-
-                console.relay(master)
-                os.close(master)
-            return _wait_child(pid)
-        finally:
-            _restore_signals(forward)
+        return pid, master
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -592,15 +617,24 @@ def _release_init(fifo: str, init_pid: int) -> None:
 
 
 def _wait_gone(pid: int, start_time: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while process_start_time(pid) == start_time:
-        if time.monotonic() > deadline:
+    """Wait for process `pid`, started at `start_time`, to exit (and reap it if it is our child)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if process_start_time(pid) != start_time:
+            return  # gone already: a zombie, or the pid is another process's now
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)  # readable once the process has exited
+        if not poller.poll(int(timeout * 1000)):
             raise RuntimeFailure(f"process {pid} did not exit after SIGKILL")
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.002)
+    finally:
+        os.close(pidfd)
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 def _kill_wait(pid: int) -> None:
@@ -624,6 +658,10 @@ def _destroy(init_pid: int, cgroup: Cgroup | None, start_time: int | None = None
                 pass
             _wait_gone(init_pid, st)
     if cgroup is not None:
+        # Nothing is left in the cgroup once the init is gone, as a rule (a pid namespace dies with
+        # its init): removing it first spares scanning every hierarchy for processes.
+        if cgroup.destroy_if_empty():
+            return
         try:
             for _ in range(100):
                 pids = cgroup.pids()

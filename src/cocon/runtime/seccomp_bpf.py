@@ -11,7 +11,6 @@ instructions is recompiled, never loaded.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
@@ -32,8 +31,8 @@ FILTER_FLAGS = {
 _INSN_SIZE = 8  # struct sock_filter
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+class _SockFprog(L.Structure):
+    _fields_ = [("len", L.c_ushort), ("filter", L.c_void_p)]
 
 
 class CompiledFilter:
@@ -44,12 +43,10 @@ class CompiledFilter:
         self.flags = flags
 
     def load(self) -> None:
-        buf = ctypes.create_string_buffer(self.program, len(self.program))
-        prog = _SockFprog(len(self.program) // _INSN_SIZE, ctypes.addressof(buf))
+        buf = L.create_string_buffer(self.program, len(self.program))
+        prog = _SockFprog(len(self.program) // _INSN_SIZE, L.addressof(buf))
         try:
-            L.syscall(
-                SYS_seccomp, SECCOMP_SET_MODE_FILTER, self.flags, ctypes.c_void_p(ctypes.addressof(prog))
-            )
+            L.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, self.flags, L.c_void_p(L.addressof(prog)))
         except OSError as exc:
             if exc.errno == errno.EACCES:
                 raise SeccompError(
@@ -60,14 +57,14 @@ class CompiledFilter:
 
 
 def _libseccomp_version() -> str:
-    class _Version(ctypes.Structure):
-        _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+    class _Version(L.Structure):
+        _fields_ = [("major", L.c_uint), ("minor", L.c_uint), ("micro", L.c_uint)]
 
     try:
-        lib = ctypes.CDLL("libseccomp.so.2")
+        lib = L.CDLL("libseccomp.so.2")
     except OSError:
         raise SeccompError("libseccomp is not installed: install Debian's libseccomp2") from None
-    lib.seccomp_version.restype = ctypes.POINTER(_Version)
+    lib.seccomp_version.restype = L.POINTER(_Version)
     v = lib.seccomp_version().contents
     return f"{v.major}.{v.minor}.{v.micro}"
 

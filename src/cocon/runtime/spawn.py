@@ -9,8 +9,8 @@ Both follow the same two-stage fork (as runc's nsexec does, in Python):
        │                 └─fork─▶ stage 2: the container process (pid 1 of a new pid namespace)
        └── a SOCK_SEQPACKET socketpair carries the handshake, errors and the pty master fd.
 
-The runtime puts stage 1 into the container's cgroup before telling it to go, so every later process
-starts inside the cgroup. Everything that runs in the container before execve is non-dumpable (set in
+Stage 1 moves itself into the container's cgroup before anything else, so every later process starts
+inside the cgroup. Everything that runs in the container before execve is non-dumpable (set in
 the runtime before the first fork and inherited), so processes in the container cannot open
 /proc/PID/exe or /proc/PID/mem of the runtime's interpreter (the CVE-2019-5736 class).
 """
@@ -203,18 +203,16 @@ def write_id_maps(pid: int, plan: NamespacePlan) -> None:
 
 def staged_fork(
     plan: NamespacePlan,
-    join_cgroup: Callable[[int], None] | None,
+    enter_cgroup: Callable[[], None] | None,
     child_main: Callable[[Socket], None],
     what: str,
     preserve_fds: int = 0,
-    warm_up: Callable[[], None] | None = None,
 ) -> tuple[int, Socket]:
     """Fork through stage 1 into the namespaces; return (pid of stage 2, runtime's socket).
 
-    `join_cgroup(stage1_pid)` runs in the runtime before stage 1 may go on, so that everything after
-    starts inside the cgroup. Meanwhile stage 1 runs `warm_up` (imports for the container side): a
-    cgroup's first attach waits for an RCU grace period, time the child can use.
-    `child_main` runs in stage 2 with the child's end of the socket and must never return.
+    `enter_cgroup()` runs first in stage 1 (single-threaded, as `Cgroup.enter` needs), so that
+    everything after starts inside the cgroup. `child_main` runs in stage 2 with the child's end of
+    the socket and must never return. The runtime must have no other thread running.
     """
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     stage1 = os.fork()
@@ -226,9 +224,8 @@ def staged_fork(
         os.closerange(3 + preserve_fds, keep)
         os.closerange(keep + 1, 1 << 20)
         try:
-            if warm_up is not None:
-                warm_up()
-            recv(theirs, "go", what)
+            if enter_cgroup is not None:
+                enter_cgroup()
             _join_and_unshare(plan, theirs)
             if plan.needs_second_fork:
                 # Stage 2 shares the socket: it must not speak before stage 1 has reported its pid.
@@ -236,7 +233,8 @@ def staged_fork(
                 stage2 = os.fork()
                 if stage2 != 0:
                     send(theirs, "pid", pid=stage2)
-                    os._exit(0)  # closes reported_w: stage 2's read below returns
+                    os.close(reported_w)  # stage 2 goes on now, not once this process is torn down
+                    os._exit(0)
                 os.close(reported_w)
                 os.read(reported_r, 1)
                 os.close(reported_r)
@@ -248,9 +246,6 @@ def staged_fork(
         os._exit(1)
     theirs.close()
     try:
-        if join_cgroup is not None:
-            join_cgroup(stage1)
-        send(ours, "go")
         if plan.new_userns:
             recv(ours, "userns", what)
             write_id_maps(stage1, plan)
@@ -326,8 +321,9 @@ def _report_ready(sock: Socket, master: int) -> None:
     sock.close()
 
 
-def warm_up_init(proc: Process) -> None:
-    """Import what the container's init needs before it loses sight of the host's files."""
+def preload_init(proc: Process) -> None:
+    """Import, before the fork, what the container's init needs once it has lost sight of the host's
+    files."""
     from cocon.runtime import capabilities, hooks, rootfs  # noqa: F401
 
     if proc.terminal:

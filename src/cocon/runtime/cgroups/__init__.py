@@ -15,6 +15,7 @@ from cocon._typing import TYPE_CHECKING, record
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from cocon.oci.runtime_spec import Resources
 
@@ -54,11 +55,13 @@ if TYPE_CHECKING:
         def create(self, resources: Resources | None) -> None: ...
         def apply(self, resources: Resources | None) -> None: ...
         def add(self, pid: int) -> None: ...
+        def enter(self) -> None: ...
         def pids(self) -> list[int]: ...
         def freeze(self) -> None: ...
         def thaw(self) -> None: ...
         def frozen(self) -> bool: ...
         def kill_all(self, sig: int) -> None: ...
+        def destroy_if_empty(self) -> bool: ...
         def destroy(self) -> None: ...
         def stats(self) -> CgroupStats: ...
         def container_mounts(self) -> list[tuple[str, str]]: ...
@@ -110,41 +113,90 @@ def cgroup_from_state(data: dict[str, object]) -> Cgroup:
     raise CgroupError(f"cgroup state: unknown version {version!r}; the state file is damaged")
 
 
-def start_attach_warm_up() -> Callable[[], None]:
+# A warm-up started by the command line as soon as it knows the command, for `create` to use.
+_early_warm_up: Callable[[], None] | None = None
+
+
+def start_attach_warm_up(*, early: bool = False) -> Callable[[], None]:
     """Start, in a thread, a no-op move of this process into its own cgroup; return a wait function.
 
-    The first move of a process between cgroups waits for an RCU grace period (the kernel switches the
-    threadgroup semaphore to its slow mode, ~15 ms here); moves shortly after it are fast. Doing one
-    early, while the runtime reads its configuration, takes that wait off the path to the container.
-    The returned function waits for the thread to be gone: call it before forking. Failures are
-    ignored: this only changes timing.
+    Moving a process between cgroups through `cgroup.procs` takes a global lock whose first use waits
+    for an RCU grace period (~8 ms here, longer under load) while holding the cgroup mutex, so every
+    other cgroup operation waits too; uses within about a grace period of the last one are fast. A
+    v1 hierarchy is joined without that lock (`Cgroup.enter`), but a cgroup2 hierarchy (pure v2, or
+    hybrid's `unified`) has no such path. Paying the grace period here, while the runtime imports
+    and reads its configuration, takes it off the path to the container. Without a cgroup2 hierarchy
+    there is nothing to warm up.
+
+    `early=True` (the command line, right after parsing) keeps the warm-up for the next call, which
+    returns it instead of starting another. The returned function waits for the thread to be gone:
+    call it before forking (and in any case: it also closes a file). Failures are ignored: this
+    only changes timing.
     """
+    global _early_warm_up
+    if _early_warm_up is not None:
+        started, _early_warm_up = _early_warm_up, None
+        return started
     import _thread
 
-    def warm_up(done: list[object]) -> None:
-        done.append(_thread._set_sentinel())  # type: ignore[attr-defined]  # released when the thread is gone
+    try:
+        fd = _own_procs_file()
+    except (OSError, ValueError):
+        fd = -1
+    pid = str(os.getpid()).encode()
+    gone: list[Any] = []  # the thread's sentinel lock, released when the thread is gone
+
+    def move() -> None:
         try:
-            with open("/proc/self/cgroup") as f:
-                lines = [line.rstrip("\n").split(":", 2) for line in f]  # "ID:CONTROLLERS:PATH"
-            # any v1 hierarchy will do; on pure v2 the one line "0::PATH"
-            _, controllers, path = next((entry for entry in lines if entry[1]), lines[0])
-            name = controllers.split(",")[0].replace("name=", "") if controllers else ""
-            base = f"/sys/fs/cgroup/{name}" if name else "/sys/fs/cgroup"
-            with open(f"{base}{path.rstrip('/')}/cgroup.procs", "w") as f:
-                f.write(str(os.getpid()))
-        except (OSError, ValueError):
+            os.write(fd, pid)  # the GIL is released while the kernel waits
+        except OSError:
             pass
 
-    done: list[object] = []
-    _thread.start_new_thread(warm_up, (done,))
+    if fd >= 0:
+        writing = _thread.allocate_lock()  # released once the thread is about to block in the kernel
+
+        def warm_up() -> None:
+            gone.append(_thread._set_sentinel())  # type: ignore[attr-defined]
+            writing.release()
+            move()
+
+        writing.acquire()
+        try:
+            _thread.start_new_thread(warm_up, ())
+        except RuntimeError:  # no thread to spare: go without
+            os.close(fd)
+        else:
+            # A new thread only runs once this one lets go of the GIL, which imports rarely do: wait
+            # for it to start its write (a fraction of a millisecond), or the grace period starts late.
+            writing.acquire()
 
     def wait() -> None:
-        """Return once the thread has exited; later calls return at once."""
-        while not done:
-            _thread.allocate_lock().acquire(True, 0.0005)  # a short sleep without importing time
-        sentinel = done[0]
-        if sentinel is not None:
-            sentinel.acquire()  # type: ignore[attr-defined]
-            done[0] = None
+        """Return once the thread is gone; later calls return at once.
 
+        One more move first, fast now, keeps the lock fast for about another grace period: the
+        container's move comes right after the fork, however long the runtime took since the first.
+        """
+        global _early_warm_up
+        if _early_warm_up is wait:  # started early, then not used: the command failed before
+            _early_warm_up = None
+        if gone:
+            gone.pop().acquire()
+            move()
+            os.close(fd)
+
+    if early:
+        _early_warm_up = wait
     return wait
+
+
+def _own_procs_file() -> int:
+    """This process's cgroup.procs in one of its hierarchies, open for writing; -1 without cgroup2."""
+    with open("/proc/self/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]  # "ID:CONTROLLERS:PATH"
+    if not any(entry[0] == "0" for entry in lines):
+        return -1  # no cgroup2 hierarchy: every move is lock-free
+    # any v1 hierarchy will do; on pure v2 the one line "0::PATH"
+    _, controllers, path = next((entry for entry in lines if entry[1]), lines[0])
+    name = controllers.split(",")[0].replace("name=", "") if controllers else ""
+    base = f"/sys/fs/cgroup/{name}" if name else "/sys/fs/cgroup"
+    return os.open(f"{base}{path.rstrip('/')}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)

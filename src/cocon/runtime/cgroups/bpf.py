@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
-from cocon._linux import SYS_bpf, syscall
+from cocon import _linux as L
 from cocon.runtime.errors import CgroupError
 
 BPF_PROG_LOAD = 5
@@ -23,69 +22,69 @@ BPF_F_ALLOW_MULTI = 2
 FIELD = "linux.resources.devices"
 
 
-class _ProgLoadAttr(ctypes.Structure):
+class _ProgLoadAttr(L.Structure):
     _fields_ = (
-        ("prog_type", ctypes.c_uint32),
-        ("insn_cnt", ctypes.c_uint32),
-        ("insns", ctypes.c_uint64),
-        ("license", ctypes.c_uint64),
-        ("log_level", ctypes.c_uint32),
-        ("log_size", ctypes.c_uint32),
-        ("log_buf", ctypes.c_uint64),
-        ("kern_version", ctypes.c_uint32),
-        ("prog_flags", ctypes.c_uint32),
-        ("prog_name", ctypes.c_char * 16),
-        ("prog_ifindex", ctypes.c_uint32),
-        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_type", L.c_uint32),
+        ("insn_cnt", L.c_uint32),
+        ("insns", L.c_uint64),
+        ("license", L.c_uint64),
+        ("log_level", L.c_uint32),
+        ("log_size", L.c_uint32),
+        ("log_buf", L.c_uint64),
+        ("kern_version", L.c_uint32),
+        ("prog_flags", L.c_uint32),
+        ("prog_name", L.c_char * 16),
+        ("prog_ifindex", L.c_uint32),
+        ("expected_attach_type", L.c_uint32),
     )
 
 
-class _AttachAttr(ctypes.Structure):
+class _AttachAttr(L.Structure):
     _fields_ = (
-        ("target_fd", ctypes.c_uint32),
-        ("attach_bpf_fd", ctypes.c_uint32),
-        ("attach_type", ctypes.c_uint32),
-        ("attach_flags", ctypes.c_uint32),
-        ("replace_bpf_fd", ctypes.c_uint32),
+        ("target_fd", L.c_uint32),
+        ("attach_bpf_fd", L.c_uint32),
+        ("attach_type", L.c_uint32),
+        ("attach_flags", L.c_uint32),
+        ("replace_bpf_fd", L.c_uint32),
     )
 
 
-class _QueryAttr(ctypes.Structure):
+class _QueryAttr(L.Structure):
     _fields_ = (
-        ("target_fd", ctypes.c_uint32),
-        ("attach_type", ctypes.c_uint32),
-        ("query_flags", ctypes.c_uint32),
-        ("attach_flags", ctypes.c_uint32),
-        ("prog_ids", ctypes.c_uint64),
-        ("prog_cnt", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
+        ("target_fd", L.c_uint32),
+        ("attach_type", L.c_uint32),
+        ("query_flags", L.c_uint32),
+        ("attach_flags", L.c_uint32),
+        ("prog_ids", L.c_uint64),
+        ("prog_cnt", L.c_uint32),
+        ("_pad", L.c_uint32),
     )
 
 
-class _GetFdByIdAttr(ctypes.Structure):
+class _GetFdByIdAttr(L.Structure):
     _fields_ = (
-        ("prog_id", ctypes.c_uint32),
-        ("next_id", ctypes.c_uint32),
-        ("open_flags", ctypes.c_uint32),
+        ("prog_id", L.c_uint32),
+        ("next_id", L.c_uint32),
+        ("open_flags", L.c_uint32),
     )
 
 
-def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
-    ptr = ctypes.c_void_p(ctypes.addressof(attr))
-    return syscall(SYS_bpf, cmd, ptr, ctypes.sizeof(attr), what=what)
+def _bpf(cmd: int, attr: L.Structure, what: str) -> int:
+    ptr = L.c_void_p(L.addressof(attr))
+    return L.syscall(L.SYS_bpf, cmd, ptr, L.sizeof(attr), what=what)
 
 
 def load_device_program(code: bytes) -> int:
     """Load a BPF_PROG_TYPE_CGROUP_DEVICE program; returns its fd. The verifier log is in the error."""
     if len(code) % 8:
         raise ValueError("eBPF code must be a whole number of 8-byte instructions")
-    insns = ctypes.create_string_buffer(code, len(code))
-    license_ = ctypes.create_string_buffer(b"Apache")
+    insns = L.create_string_buffer(code, len(code))
+    license_ = L.create_string_buffer(b"Apache")
     attr = _ProgLoadAttr(
         prog_type=BPF_PROG_TYPE_CGROUP_DEVICE,
         insn_cnt=len(code) // 8,
-        insns=ctypes.addressof(insns),
-        license=ctypes.addressof(license_),
+        insns=L.addressof(insns),
+        license=L.addressof(license_),
         prog_name=b"cocon_devices",
     )
     try:
@@ -93,10 +92,10 @@ def load_device_program(code: bytes) -> int:
     except OSError as exc:
         first = exc
     # Load again with the verifier log to say why.
-    log = ctypes.create_string_buffer(65536)
+    log = L.create_string_buffer(65536)
     attr.log_level = 1
     attr.log_size = len(log)
-    attr.log_buf = ctypes.addressof(log)
+    attr.log_buf = L.addressof(log)
     try:
         return _bpf(BPF_PROG_LOAD, attr, "bpf(BPF_PROG_LOAD)")
     except OSError:
@@ -120,9 +119,9 @@ def query_device_programs(cgroup_fd: int) -> list[int]:
     count = attr.prog_cnt
     if count == 0:
         return []
-    ids = (ctypes.c_uint32 * count)()
+    ids = (L.c_uint32 * count)()
     attr = _QueryAttr(
-        target_fd=cgroup_fd, attach_type=BPF_CGROUP_DEVICE, prog_ids=ctypes.addressof(ids), prog_cnt=count
+        target_fd=cgroup_fd, attach_type=BPF_CGROUP_DEVICE, prog_ids=L.addressof(ids), prog_cnt=count
     )
     _bpf(BPF_PROG_QUERY, attr, "bpf(BPF_PROG_QUERY)")
     return list(ids[: attr.prog_cnt])

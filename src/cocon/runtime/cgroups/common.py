@@ -68,8 +68,8 @@ def ancestors(path: str) -> list[str]:
 
 
 def read_text(path: str) -> str:
-    with open(path, encoding="ascii", errors="replace") as f:
-        return f.read()
+    with open(path, "rb") as f:  # decoded here: a text-mode ascii file imports a codec module
+        return f.read().decode("ascii", "replace")
 
 
 def try_read(path: str) -> str | None:
@@ -191,6 +191,21 @@ def remove_dirs(dirs: Sequence[str]) -> None:
                 os.rmdir(sub)
             except OSError:
                 pass
+
+
+def remove_if_empty(dirs: Sequence[str]) -> bool:
+    """rmdir each directory (a missing one is fine); False at the first one still busy (processes or
+    child cgroups in it), which stays in place with the rest."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                return False
+            raise CgroupError(f"cannot remove cgroup {d}: {exc.strerror}") from None
+    return True
 
 
 def rmdir_tree(top: str, timeout: float = 5.0) -> None:

@@ -19,6 +19,7 @@ from cocon.runtime.cgroups.common import (
     read_pids,
     read_text,
     remove_dirs,
+    remove_if_empty,
     rmdir_tree,
     set_quota_and_burst,
     signal_all,
@@ -332,6 +333,19 @@ class CgroupV1:
                     ) from None
                 raise
 
+    def enter(self) -> None:
+        """Move the calling process, which must be single-threaded (a forked child), into the cgroup.
+
+        In each v1 hierarchy it writes "0" (itself) to `tasks`: the kernel moves the calling thread,
+        here the whole process, without the global lock a `cgroup.procs` write takes (and the RCU
+        grace period its first use waits for; see start_attach_warm_up). Hybrid's cgroup2 mount has
+        no such path and is joined through `cgroup.procs`.
+        """
+        for h in self._hierarchies:
+            write_file(join(h.mountpoint, self.path), "tasks", "0", "linux.cgroupsPath")
+        if self.unified is not None:
+            write_file(join(self.unified, self.path), "cgroup.procs", "0", "linux.cgroupsPath")
+
     def pids(self) -> list[int]:
         pids: set[int] = set()
         for d in self._leaf_dirs():
@@ -388,6 +402,9 @@ class CgroupV1:
         finally:
             if can_freeze and (not was_frozen or sig == signal.SIGKILL):
                 self.thaw()
+
+    def destroy_if_empty(self) -> bool:
+        return remove_if_empty(self._leaf_dirs())
 
     def destroy(self) -> None:
         errors: list[CgroupError] = []

@@ -20,6 +20,7 @@ from cocon.runtime.cgroups.common import (
     read_pids,
     read_text,
     remove_dirs,
+    remove_if_empty,
     rmdir_tree,
     set_quota_and_burst,
     shares_to_weight,
@@ -322,6 +323,10 @@ class CgroupV2:
                 ) from None
             raise
 
+    def enter(self) -> None:
+        """Move the calling process into the cgroup."""
+        write_file(self.dir, "cgroup.procs", "0", "linux.cgroupsPath")
+
     def pids(self) -> list[int]:
         return sorted(tree_pids(self.dir))
 
@@ -367,6 +372,9 @@ class CgroupV2:
         finally:
             if can_freeze and (not was_frozen or sig == signal.SIGKILL):
                 self.thaw()
+
+    def destroy_if_empty(self) -> bool:
+        return remove_if_empty([self.dir])
 
     def destroy(self) -> None:
         rmdir_tree(self.dir)
