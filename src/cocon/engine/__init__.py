@@ -1,0 +1,1 @@
+"""The node engine: composes images, snapshots, isolation and runtime (instances, volumes, builds)."""
