@@ -1,22 +1,22 @@
 #!/usr/bin/env python3
-"""The `make run` demo: a container from the host's busybox-static, run by cocon-runtime.
+"""The `make run` demo: the `cocon` command from a base image to a built image running with a volume.
 
-Builds an OCI bundle in a temporary directory, runs it with limits, and prints what the process
-sees from inside: its pid, hostname, user, capabilities, seccomp, limits and mounts.
+In a private COCON_ROOT/COCON_RUN (removed afterwards): bootstrap busybox from the host's
+busybox-static, run it with limits and print what the process sees from inside (its pid, hostname,
+user, capabilities, seccomp, limits, mounts), build a small image from a Containerfile, run it twice
+with a named volume that keeps a counter, and list images and volumes.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 
-from cocon.images.busybox import make_rootfs
-from cocon.oci.runtime_spec import CPU, Memory, Pids, Resources, Rlimit, encode_config
-from cocon.runtime.defaults import default_spec
+COCON = os.path.join(os.path.dirname(sys.executable), "cocon")
 
 INSIDE = r"""
 echo "pid of this shell:  $$"
@@ -35,35 +35,68 @@ else
   echo "cpu max:            $(cat /sys/fs/cgroup/cpu.max)"
 fi
 echo "processes visible:  $(ls -d /proc/[0-9]* | wc -l)"
-echo "root filesystem:    $(awk '$2 == "/" {print $4}' /proc/mounts | cut -d, -f1)"
+echo "root filesystem:    $(awk '$2 == "/" {print $3}' /proc/mounts)"
 echo "mounts:"
 awk '{print "  " $2 " (" $3 ")"}' /proc/mounts
 """
 
+CONTAINERFILE = (
+    "FROM busybox\n"
+    "COPY greeting.txt /etc/greeting\n"
+    'RUN echo "built on $(date -u +%Y-%m-%d) by cocon build" >> /etc/greeting\n'
+    "WORKDIR /data\n"
+    'CMD ["sh", "-c", "cat /etc/greeting; n=$(cat count 2>/dev/null || echo 0); echo $((n+1)) > count; '
+    'echo \\"this volume has seen $((n+1)) run(s)\\""]\n'
+)
+
+
+def cocon(env: dict[str, str], *args: str, shown: str | None = None) -> None:
+    print(f"\n$ cocon {shown or shlex.join(args)}", flush=True)
+    code = subprocess.run([COCON, *args], env=env, check=False).returncode
+    if code != 0:
+        raise SystemExit(f"cocon {args[0]} failed with exit status {code}")
+
+
+def unmount_below(path: str) -> None:
+    """Unmount whatever an interrupted demo left mounted under `path`, deepest first."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for p in sorted((p for p in points if p == real or p.startswith(real + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", p], capture_output=True, check=False)
+
 
 def main() -> int:
-    runtime = os.path.join(os.path.dirname(sys.executable), "cocon-runtime")
     base = tempfile.mkdtemp(prefix="cocon-demo-")
-    cid = f"demo-{uuid.uuid4().hex[:8]}"
+    run = tempfile.mkdtemp(prefix="cocon-demo-", dir="/run")
+    env = dict(os.environ, COCON_ROOT=os.path.join(base, "root"), COCON_RUN=run)
+    print(f"== a private cocon state: COCON_ROOT={env['COCON_ROOT']} COCON_RUN={run}")
     try:
-        bundle = os.path.join(base, "bundle")
-        make_rootfs(os.path.join(bundle, "rootfs"))
-        spec = default_spec(args=["sh", "-c", INSIDE], terminal=False)
-        assert spec.process is not None and spec.linux is not None
-        spec.hostname = "cocon-demo"
-        spec.process.rlimits = [Rlimit(type="RLIMIT_NOFILE", soft=512, hard=1024)]
-        spec.linux.resources = Resources(
-            memory=Memory(limit=128 * 1024 * 1024), pids=Pids(limit=64), cpu=CPU(quota=50000, period=100000)
-        )
-        with open(os.path.join(bundle, "config.json"), "wb") as f:
-            f.write(encode_config(spec))
-        print(f"== cocon-runtime run {cid}  (bundle: busybox-static, 128 MiB, 64 pids, half a CPU)")
-        state = os.path.join(base, "state")
-        proc = subprocess.run([runtime, "--root", state, "run", "--bundle", bundle, cid], check=False)
-        print(f"== exit status {proc.returncode}")
-        return proc.returncode
+        cocon(env, "image", "bootstrap", "busybox")
+        cocon(env, "images")
+        cocon(env, "run", "--rm", "--hostname", "cocon-demo", "--memory", "128m", "--pids-limit", "64",
+              "--cpus", "0.5", "busybox", "sh", "-c", INSIDE,
+              shown="run --rm --hostname cocon-demo --memory 128m --pids-limit 64 --cpus 0.5 busybox sh -c "
+                    "'<print what this process sees>'")  # fmt: skip
+        ctx = os.path.join(base, "context")
+        os.makedirs(ctx)
+        with open(os.path.join(ctx, "Containerfile"), "w") as f:
+            f.write(CONTAINERFILE)
+        with open(os.path.join(ctx, "greeting.txt"), "w") as f:
+            f.write("hello from a cocon-built image\n")
+        print(f"\n== {ctx}/Containerfile:\n{CONTAINERFILE}", end="")
+        cocon(env, "build", "-t", "demo-app:1", ctx)
+        cocon(env, "run", "--rm", "-v", "demo-data:/data", "demo-app:1")
+        cocon(env, "run", "--rm", "-v", "demo-data:/data", "demo-app:1")
+        cocon(env, "images")
+        cocon(env, "volume", "ls")
+        cocon(env, "image", "history", "demo-app:1")
+        return 0
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run([COCON, "volume", "rm", "-f", "demo-data"], env=env, capture_output=True, check=False)
+        for d in (run, base):
+            unmount_below(d)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

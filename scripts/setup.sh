@@ -54,6 +54,24 @@ entry()
 LAUNCHER
     chmod 755 "$launcher"
 fi
+# `cocon` too: `cocon run` is a container start, measured against podman (bench/run_vs_podman.py). Its
+# launcher puts the virtualenv's site-packages on the path without running `site` (rich, zstandard are
+# only imported by the commands and code paths that need them).
+launcher="$venv/bin/cocon"
+if ! grep -q 'python -S' "$launcher" 2>/dev/null; then
+    purelib=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    cat > "$launcher" <<LAUNCHER
+#!$PWD/$venv/bin/python -S
+# Written by scripts/setup.sh (see there why -S).
+import sys
+sys.path.insert(0, "$PWD/src")
+sys.path.append("$purelib")
+sys.path.append("/usr/lib/python3/dist-packages")
+from cocon.cli.main import entry
+entry()
+LAUNCHER
+    chmod 755 "$launcher"
+fi
 # Offline Debian packages for the tests' debian:bookworm image.
 scripts/debian-tarball.sh
 

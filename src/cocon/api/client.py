@@ -1,0 +1,189 @@
+"""The interface between the `cocon` command and the engine: every operation the CLI can ask for.
+
+Each method is one request of the Docker Engine API (or a cocon route beside them) with plain data in
+and out: dicts shaped like that API's JSON (a container create body, `/images/json` entries, image
+inspect ≈ `/images/{id}/json`, volume objects …). Today `cocon.api.local.LocalClient` answers them by
+calling the engine in the same process; the node daemon will answer the same requests over HTTP, and
+an HTTP client will implement this class. Only the transport changes: the CLI stays as it is.
+
+Errors are `APIError`: the HTTP status the request fails with (400 bad request, 404 not found, 409
+conflict, 500 other) and a message that says what to do. `exit_code` is set when the error decides
+what `cocon run` exits with (126/127 when the command cannot be run).
+
+Streams: `container_start` returns an `Attachment`. With `direct` the container's process already
+writes to (and, with stdin, reads from) the caller's own stdin/stdout/stderr (the in-process engine
+hands them over, nothing to copy); otherwise `fd` is one bidirectional byte stream to relay (a pty's
+master side here; a hijacked HTTP connection later) and `resize` reaches the container's terminal.
+
+Files (`image_import`, `image_save`, `image_load`, `image_build`'s context) are paths on the client's
+machine: an HTTP client streams them.
+
+This module imports nothing at run time: `cocon run` loads it on its hot path.
+"""
+
+from __future__ import annotations
+
+from cocon._typing import TYPE_CHECKING, record
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    Progress = Callable[[str, int, int], None]  # (what, done, total); total 0 = not known
+
+
+class APIError(Exception):
+    """A request failed. `status`: the HTTP status; `exit_code`: set when `cocon run` must exit
+    with it (126, 127)."""
+
+    def __init__(self, message: str, status: int = 500, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.exit_code = exit_code
+
+
+@record
+class Attachment:
+    """How the caller's stdio reaches a started container (see the module docstring)."""
+
+    direct: bool
+    fd: int  # -1 when direct
+
+
+class Client:
+    """The operations; LocalClient and (later) an HTTP client implement them."""
+
+    # --- containers --------------------------------------------------------------------------------
+    def container_create(self, config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        """`POST /containers/create?name=`: `config` is Docker's create body (Image, Cmd, Entrypoint,
+        Env, WorkingDir, User, Hostname, Tty, OpenStdin, Labels, HostConfig{AutoRemove, Binds, Tmpfs,
+        ReadonlyRootfs, Memory, MemorySwap, NanoCpus, PidsLimit, CapAdd, CapDrop, SecurityOpt,
+        NetworkMode, Isolation}). Returns {"Id", "Warnings"}."""
+        raise NotImplementedError
+
+    def container_start(self, container: str, *, stdin: bool = False) -> Attachment:
+        """`POST /containers/{id}/attach` + `/start`: with `stdin` the caller's input goes to the
+        process (else it reads /dev/null)."""
+        raise NotImplementedError
+
+    def container_wait(self, container: str) -> dict[str, Any]:
+        """`POST /containers/{id}/wait`: {"StatusCode": int, "Error": None}."""
+        raise NotImplementedError
+
+    def container_kill(self, container: str, signal: int) -> None:
+        """`POST /containers/{id}/kill?signal=`."""
+        raise NotImplementedError
+
+    def container_resize(self, container: str, height: int, width: int) -> None:
+        """`POST /containers/{id}/resize?h=&w=`."""
+        raise NotImplementedError
+
+    def container_remove(self, container: str, *, force: bool = False, volumes: bool = False) -> str:
+        """`DELETE /containers/{id}?force=&v=`; returns the id removed."""
+        raise NotImplementedError
+
+    def container_list(self, *, all: bool = False) -> list[dict[str, Any]]:
+        """`GET /containers/json?all=`."""
+        raise NotImplementedError
+
+    def container_inspect(self, container: str) -> dict[str, Any]:
+        """`GET /containers/{id}/json`."""
+        raise NotImplementedError
+
+    # --- images ------------------------------------------------------------------------------------
+    def image_list(self, *, all: bool = False, dangling: bool | None = None) -> list[dict[str, Any]]:
+        """`GET /images/json`."""
+        raise NotImplementedError
+
+    def image_inspect(self, image: str) -> dict[str, Any]:
+        """`GET /images/{name}/json`."""
+        raise NotImplementedError
+
+    def image_history(self, image: str) -> list[dict[str, Any]]:
+        """`GET /images/{name}/history`, newest step first."""
+        raise NotImplementedError
+
+    def image_tag(self, source: str, target: str) -> None:
+        """`POST /images/{name}/tag?repo=&tag=`."""
+        raise NotImplementedError
+
+    def image_remove(self, image: str, *, force: bool = False, noprune: bool = False) -> list[dict[str, str]]:
+        """`DELETE /images/{name}?force=&noprune=`: [{"Untagged": …}, {"Deleted": …}]."""
+        raise NotImplementedError
+
+    def image_prune(self, *, all: bool = False) -> dict[str, Any]:
+        """`POST /images/prune`: {"ImagesDeleted": [{"Deleted": id}] | None, "SpaceReclaimed": bytes}."""
+        raise NotImplementedError
+
+    def image_import(
+        self,
+        source: str,
+        name: str | None = None,
+        *,
+        changes: Sequence[str] = (),
+        message: str | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """`POST /images/create?fromSrc=-`: a root filesystem tar (or directory) as an image."""
+        raise NotImplementedError
+
+    def image_save(
+        self,
+        images: Sequence[str],
+        dest: str,
+        *,
+        format: str = "oci-archive",
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """`GET /images/get`: write images to `dest` (oci-archive, oci-dir or docker-archive)."""
+        raise NotImplementedError
+
+    def image_load(self, source: str, *, progress: Progress | None = None) -> list[dict[str, Any]]:
+        """`POST /images/load`: [{"Id", "RepoTags"}] of the images loaded."""
+        raise NotImplementedError
+
+    def image_bootstrap(
+        self, what: str, *, mirror: str | None = None, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """cocon's own: make a base image (busybox, debian[:SUITE]) on this machine."""
+        raise NotImplementedError
+
+    def image_build(
+        self,
+        context: str,
+        *,
+        tags: Sequence[str] = (),
+        dockerfile: str | None = None,
+        build_args: dict[str, str] | None = None,
+        target: str | None = None,
+        no_cache: bool = False,
+        output: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """`POST /build`: build `context` (a directory); `output` receives the build's log lines."""
+        raise NotImplementedError
+
+    # --- volumes -----------------------------------------------------------------------------------
+    def volume_create(
+        self, name: str | None = None, *, labels: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`POST /volumes/create`."""
+        raise NotImplementedError
+
+    def volume_list(self) -> dict[str, Any]:
+        """`GET /volumes`: {"Volumes": [...], "Warnings": []}."""
+        raise NotImplementedError
+
+    def volume_inspect(self, name: str) -> dict[str, Any]:
+        """`GET /volumes/{name}`."""
+        raise NotImplementedError
+
+    def volume_remove(self, name: str, *, force: bool = False) -> None:
+        """`DELETE /volumes/{name}?force=`."""
+        raise NotImplementedError
+
+    def volume_prune(self, *, all: bool = False) -> dict[str, Any]:
+        """`POST /volumes/prune`: {"VolumesDeleted": [...] | None, "SpaceReclaimed": bytes}."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections (nothing to do for a client without any)."""

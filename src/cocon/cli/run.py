@@ -1,0 +1,569 @@
+"""`cocon run`: create a container from an image, start it attached to this terminal, wait, exit
+with its status.
+
+This is the hot path of the whole command line, so it is lean: the flags are parsed by hand from one
+table (which also generates `cocon run --help` with argparse, only when asked), nothing imports
+`rich`, `argparse`, `json` or `typing` at run time, and the client is the in-process engine.
+
+Exit status, as `docker run`: the process's own status; 128+N when it was killed by signal N; 125
+when cocon itself fails (bad flags, no such image, …); 126 when the command cannot be executed;
+127 when it is not found.
+
+Signals this process gets (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2) go to the container's
+process (docker's --sig-proxy). With `-t`, this terminal is put in raw mode and relayed to the
+container's pty, which follows the window's size (SIGWINCH); with `-i`, stdin stays open.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cocon._typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from argparse import ArgumentParser
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any
+
+    from cocon.api.client import Client
+
+USAGE = "cocon run [OPTIONS] IMAGE [COMMAND] [ARG...]"
+# (flags, dest, kind, metavar, help); kind: "bool", "value" (last wins) or "list" (repeatable)
+FLAGS: tuple[tuple[tuple[str, ...], str, str, str | None, str], ...] = (
+    (
+        ("--rm",),
+        "rm",
+        "bool",
+        None,
+        "remove the container (root filesystem, anonymous volumes) when it exits",
+    ),
+    (("-i", "--interactive"), "interactive", "bool", None, "keep stdin open: the process reads this input"),
+    (
+        ("-t", "--tty"),
+        "tty",
+        "bool",
+        None,
+        "give the process a pseudo-terminal (raw mode, follows the window)",
+    ),
+    (("--name",), "name", "value", "NAME", "a unique name for the container (default: a random one)"),
+    (("-e", "--env"), "env", "list", "K=V", "set an environment variable (K alone: its value here, if set)"),
+    (
+        ("--env-file",),
+        "env_file",
+        "list",
+        "FILE",
+        "read environment variables from FILE (K=V lines, # comments)",
+    ),
+    (("-w", "--workdir"), "workdir", "value", "DIR", "working directory in the container (made if missing)"),
+    (
+        ("-u", "--user"),
+        "user",
+        "value",
+        "USER[:GROUP]",
+        "user and group to run as: names (from the image) or ids",
+    ),
+    (
+        ("--entrypoint",),
+        "entrypoint",
+        "value",
+        "CMD",
+        "replace the image's ENTRYPOINT ('' clears it and CMD)",
+    ),
+    (
+        ("-v", "--volume"),
+        "volume",
+        "list",
+        "SRC:DST[:ro]",
+        "mount a named volume (made on first use, filled from the image) or an absolute host path; "
+        "DST alone: an anonymous volume",
+    ),
+    (("--read-only",), "read_only", "bool", None, "mount the container's root filesystem read-only"),
+    (
+        ("--tmpfs",),
+        "tmpfs",
+        "list",
+        "DST[:OPTS]",
+        "mount a tmpfs at DST (OPTS: size=64m, mode=1777, ro, exec, …)",
+    ),
+    (("-m", "--memory"), "memory", "value", "SIZE", "memory limit, e.g. 512m or 1g (at least 6m)"),
+    (("--memory-swap",), "memory_swap", "value", "SIZE", "memory plus swap limit (-1: unlimited swap)"),
+    (("--cpus",), "cpus", "value", "N", "CPU limit, e.g. 0.5 or 2"),
+    (("--pids-limit",), "pids_limit", "value", "N", "at most N processes (-1: no limit)"),
+    (
+        ("--cap-add",),
+        "cap_add",
+        "list",
+        "CAP",
+        "add a capability to Docker's default set (NET_ADMIN, ALL, …)",
+    ),
+    (("--cap-drop",), "cap_drop", "list", "CAP", "drop a capability (CHOWN, ALL, …)"),
+    (
+        ("--security-opt",),
+        "security_opt",
+        "list",
+        "OPT",
+        "seccomp=FILE (a Docker-format profile), seccomp=unconfined, no-new-privileges",
+    ),
+    (("-h", "--hostname"), "hostname", "value", "NAME", "the container's hostname (default: its short id)"),
+    (("-l", "--label"), "label", "list", "K=V", "set a label on the container"),
+    (
+        ("--isolation",),
+        "isolation",
+        "value",
+        "LEVEL",
+        "isolation level: container (alias process, the default); microvm and vm come later",
+    ),
+    (
+        ("--network", "--net"),
+        "network",
+        "value",
+        "MODE",
+        "none (default: an own, empty network namespace) or host",
+    ),
+)
+
+_BY_NAME = {name: (dest, kind) for names, dest, kind, _, _ in FLAGS for name in names}
+_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+class UsageError(Exception):
+    """Bad flags: `cocon run` exits 125 with the message."""
+
+
+class HelpRequested(Exception):
+    pass
+
+
+class RunOptions:
+    """The parsed flags (attributes named after FLAGS' dests), the image and the command."""
+
+    def __init__(self) -> None:
+        for _names, dest, kind, _, _ in FLAGS:
+            setattr(self, dest, False if kind == "bool" else [] if kind == "list" else None)
+        self.image = ""
+        self.command: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:  # for mypy: the attributes are set from FLAGS
+        raise AttributeError(name)
+
+
+def _set(opts: RunOptions, flag: str, value: str | None) -> None:
+    dest, kind = _BY_NAME[flag]
+    if kind == "bool":
+        if value is None or value in ("true", "1"):
+            setattr(opts, dest, True)
+        elif value in ("false", "0"):
+            setattr(opts, dest, False)
+        else:
+            raise UsageError(f"invalid value {value!r} for {flag}: use true or false")
+    elif kind == "list":
+        assert value is not None
+        getattr(opts, dest).append(value)
+    else:
+        setattr(opts, dest, value)
+
+
+def parse_args(argv: Sequence[str]) -> RunOptions:
+    """Docker's flag syntax: `--flag value`, `--flag=value`, `-e K=V`, `-eK=V`, clusters like `-it`;
+    flags end at the image (or `--`), everything after it is the command."""
+    opts = RunOptions()
+    i = 0
+    n = len(argv)
+    while i < n:
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        if arg == "--help":
+            raise HelpRequested
+        if arg.startswith("--"):
+            flag, eq, value = arg.partition("=")
+            if flag not in _BY_NAME:
+                raise UsageError(f"unknown flag: {flag}")
+            if _BY_NAME[flag][1] == "bool":
+                _set(opts, flag, value if eq else None)
+            else:
+                if not eq:
+                    i += 1
+                    if i >= n:
+                        raise UsageError(f"flag needs an argument: {flag}")
+                    value = argv[i]
+                _set(opts, flag, value)
+        else:
+            j = 1
+            while j < len(arg):
+                flag = "-" + arg[j]
+                if flag not in _BY_NAME:
+                    raise UsageError(f"unknown shorthand flag: {arg[j]!r} in {arg}")
+                if _BY_NAME[flag][1] == "bool":
+                    _set(opts, flag, None)
+                    j += 1
+                    continue
+                rest = arg[j + 1 :].removeprefix("=")
+                if not rest:
+                    i += 1
+                    if i >= n:
+                        raise UsageError(f"flag needs an argument: {flag}")
+                    rest = argv[i]
+                _set(opts, flag, rest)
+                break
+        i += 1
+    if i >= n:
+        raise UsageError(f"requires at least 1 argument: {USAGE}")
+    opts.image = argv[i]
+    opts.command = list(argv[i + 1 :])
+    return opts
+
+
+def register(subparsers: Any) -> None:
+    """`cocon run` in the top-level help (parsing is done by parse_args)."""
+    subparsers.add_parser("run", help="run a command in a new container", add_help=False)
+
+
+def help_parser() -> ArgumentParser:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="cocon run",
+        usage=USAGE,
+        add_help=False,
+        description="Run a command in a new container from IMAGE, attached to this terminal; exit with "
+        "its status (125: cocon failed, 126: the command cannot be executed, 127: not found).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--help", action="help", help="show this help and exit")
+    for names, dest, kind, metavar, text in FLAGS:
+        if kind == "bool":
+            p.add_argument(*names, dest=dest, action="store_true", help=text)
+        else:
+            p.add_argument(
+                *names, dest=dest, metavar=metavar, action="append" if kind == "list" else "store", help=text
+            )
+    p.add_argument("image", metavar="IMAGE", help="image name or ID (see `cocon images`)")
+    p.add_argument(
+        "command", metavar="COMMAND", nargs="*", help="command and arguments (default: the image's)"
+    )
+    return p
+
+
+# --- from flags to a create request ----------------------------------------------------------------
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Docker's RAMInBytes: a number with an optional b, k, m, g, t or p (binary multiples)."""
+    t = text.strip().lower()
+    if t.endswith("b") and len(t) > 1 and not t[-2].isdigit():
+        t = t[:-1]
+    mult = 1
+    units = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    if t and t[-1] in units:
+        mult = units[t[-1]]
+        t = t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise UsageError(
+            f"invalid size {text!r} for {flag}: use a number with an optional unit, e.g. 512m or 1g"
+        ) from None
+    if value < 0:
+        raise UsageError(f"invalid size {text!r} for {flag}: it cannot be negative")
+    return int(value * mult)
+
+
+def read_env_file(path: str, environ: Mapping[str, str]) -> list[str]:
+    """Docker's --env-file: K=V lines, `K` alone takes this shell's value (skipped if unset), blank
+    lines and `#` comments are ignored."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"--env-file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--env-file {path}: not UTF-8 text") from None
+    out = []
+    for n, raw in enumerate(lines, 1):
+        line = raw.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.partition("=")
+        if not key or any(c.isspace() for c in key):
+            raise UsageError(f"--env-file {path}, line {n}: variable {key!r} has whitespace or is empty")
+        if eq:
+            out.append(f"{key}={value}")
+        elif key in environ:
+            out.append(f"{key}={environ[key]}")
+    return out
+
+
+def build_request(opts: RunOptions, environ: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
+    """The Docker create body for `opts`, and the container name."""
+    env: list[str] = []
+    for path in opts.env_file:
+        env += read_env_file(path, environ)
+    for item in opts.env:
+        if "=" in item:
+            if item.startswith("="):
+                raise UsageError(f"invalid environment variable {item!r}: use K=V")
+            env.append(item)
+        elif item in environ:
+            env.append(f"{item}={environ[item]}")
+    body: dict[str, Any] = {
+        "Image": opts.image,
+        "Tty": opts.tty,
+        "OpenStdin": opts.interactive,
+        "StdinOnce": opts.interactive,
+        "AttachStdin": opts.interactive,
+        "AttachStdout": True,
+        "AttachStderr": True,
+    }
+    if opts.command:
+        body["Cmd"] = opts.command
+    if env:
+        body["Env"] = env
+    if opts.workdir is not None:
+        body["WorkingDir"] = opts.workdir
+    if opts.user is not None:
+        body["User"] = opts.user
+    if opts.entrypoint is not None:
+        body["Entrypoint"] = [opts.entrypoint] if opts.entrypoint else []
+    if opts.hostname is not None:
+        body["Hostname"] = opts.hostname
+    if opts.label:
+        labels = {}
+        for item in opts.label:
+            k, _, v = item.partition("=")
+            if not k:
+                raise UsageError(f"invalid label {item!r}: use K=V")
+            labels[k] = v
+        body["Labels"] = labels
+    host: dict[str, Any] = {"AutoRemove": opts.rm}
+    if opts.volume:
+        host["Binds"] = list(opts.volume)
+    if opts.tmpfs:
+        tmpfs = {}
+        for item in opts.tmpfs:
+            dest, _, options = item.partition(":")
+            tmpfs[dest] = options
+        host["Tmpfs"] = tmpfs
+    if opts.read_only:
+        host["ReadonlyRootfs"] = True
+    if opts.memory is not None:
+        host["Memory"] = parse_size(opts.memory, "--memory")
+    if opts.memory_swap is not None:
+        host["MemorySwap"] = (
+            -1 if opts.memory_swap.strip() == "-1" else parse_size(opts.memory_swap, "--memory-swap")
+        )
+    if opts.cpus is not None:
+        try:
+            cpus = float(opts.cpus)
+        except ValueError:
+            raise UsageError(f"invalid --cpus {opts.cpus!r}: give a number, e.g. 0.5 or 2") from None
+        if not cpus > 0:
+            raise UsageError(f"invalid --cpus {opts.cpus!r}: it must be more than 0")
+        host["NanoCpus"] = round(cpus * 1e9)
+    if opts.pids_limit is not None:
+        try:
+            host["PidsLimit"] = int(opts.pids_limit)
+        except ValueError:
+            raise UsageError(
+                f"invalid --pids-limit {opts.pids_limit!r}: give a whole number (-1: no limit)"
+            ) from None
+    if opts.cap_add:
+        host["CapAdd"] = list(opts.cap_add)
+    if opts.cap_drop:
+        host["CapDrop"] = list(opts.cap_drop)
+    if opts.security_opt:
+        host["SecurityOpt"] = [_security_opt(o) for o in opts.security_opt]
+    if opts.isolation is not None:
+        host["Isolation"] = opts.isolation
+    if opts.network is not None:
+        host["NetworkMode"] = opts.network
+    body["HostConfig"] = host
+    return body, opts.name
+
+
+def _security_opt(opt: str) -> str:
+    """As the docker CLI does: seccomp=FILE is sent as the file's content."""
+    key, sep, value = opt.partition("=")
+    if key == "seccomp" and sep and value != "unconfined":
+        try:
+            with open(value, encoding="utf-8") as f:
+                return f"seccomp={f.read()}"
+        except OSError as exc:
+            raise UsageError(
+                f"--security-opt seccomp={value}: cannot read the profile: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--security-opt seccomp={value}: the profile is not UTF-8 JSON") from None
+    return opt
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+class SignalProxy:
+    """Signals to this process go to the container once it runs (queued until then)."""
+
+    def __init__(self, client: Client, container: str) -> None:
+        import _signal
+
+        self.client = client
+        self.container = container
+        self.pending: list[int] = []
+        self.armed = False
+        self.saved: dict[int, Any] = {}
+        for name in _FORWARDED:
+            sig = getattr(_signal, name)
+            self.saved[sig] = _signal.signal(sig, self._handle)
+
+    def _handle(self, sig: int, _frame: object) -> None:
+        if self.armed:
+            self._send(sig)
+        else:
+            self.pending.append(sig)
+
+    def _send(self, sig: int) -> None:
+        from cocon.api.client import APIError
+
+        try:
+            self.client.container_kill(self.container, sig)
+        except APIError:
+            pass  # not running (any more)
+
+    def arm(self) -> None:
+        self.armed = True
+        while self.pending:
+            self._send(self.pending.pop(0))
+
+    def restore(self) -> None:
+        import _signal
+
+        self.armed = False
+        for sig, handler in self.saved.items():
+            _signal.signal(sig, handler)
+
+
+def relay(fd: int, *, stdin: bool, resize: Callable[[int, int], None]) -> None:
+    """Copy the container's terminal to our stdout and (with `stdin`) our input to it, our terminal
+    in raw mode; follow our window's size. Returns when the container's side closes."""
+    import select
+    import signal
+    import termios
+    import tty
+
+    tty_in = stdin and os.isatty(0)
+    saved = termios.tcgetattr(0) if tty_in else None
+    size_fd = 0 if os.isatty(0) else 1 if os.isatty(1) else -1
+
+    def follow_size(*_: object) -> None:
+        if size_fd >= 0:
+            try:
+                cols, rows = os.get_terminal_size(size_fd)
+                resize(rows, cols)
+            except OSError:
+                pass
+
+    old_winch = signal.signal(signal.SIGWINCH, follow_size)
+    follow_size()
+    inputs = [fd, 0] if stdin else [fd]
+    try:
+        if tty_in:
+            tty.setraw(0)
+        while True:
+            try:
+                ready, _, _ = select.select(inputs, [], [])
+            except InterruptedError:
+                continue
+            if fd in ready:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                _write_all(1, data)
+            if 0 in ready:
+                data = os.read(0, 65536)
+                if not data:
+                    inputs.remove(0)
+                    _write_all(fd, b"\x04")  # end of input, as a terminal sends it
+                else:
+                    try:
+                        _write_all(fd, data)
+                    except OSError:
+                        break
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGWINCH, old_winch)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _error(message: str) -> None:
+    os.write(2, f"cocon: error: {' '.join(str(message).splitlines())}\n".encode())
+
+
+def run(client: Client, opts: RunOptions, environ: Mapping[str, str] | None = None) -> int:
+    """Create, start, attach, wait; the exit status (see the module docstring)."""
+    from cocon.api.client import APIError
+
+    try:
+        body, name = build_request(opts, os.environ if environ is None else environ)
+    except UsageError as exc:
+        _error(str(exc))
+        return 125
+    try:
+        created = client.container_create(body, name)
+    except APIError as exc:
+        _error(str(exc))
+        return 125
+    for w in created.get("Warnings") or ():
+        os.write(2, f"WARNING: {w}\n".encode())
+    cid = created["Id"]
+    proxy = SignalProxy(client, cid)
+    try:
+        try:
+            attachment = client.container_start(cid, stdin=opts.interactive)
+        except APIError as exc:
+            _error(str(exc))
+            return exc.exit_code or 125
+        proxy.arm()
+        if not attachment.direct:
+            relay(
+                attachment.fd,
+                stdin=opts.interactive,
+                resize=lambda rows, cols: client.container_resize(cid, rows, cols),
+            )
+        try:
+            status: int = client.container_wait(cid)["StatusCode"]
+        except APIError as exc:
+            _error(str(exc))
+            return 125
+        return status
+    finally:
+        proxy.restore()
+
+
+def main(argv: Sequence[str], client: Client | None = None) -> int:
+    """`cocon run ARGV…` with the default client (the engine in this process)."""
+    try:
+        opts = parse_args(argv)
+    except HelpRequested:
+        help_parser().print_help()
+        return 0
+    except UsageError as exc:
+        _error(f"{exc} (see 'cocon run --help')")
+        return 125
+    if client is None:
+        from cocon.api.local import LocalClient
+
+        client = LocalClient()
+    return run(client, opts)

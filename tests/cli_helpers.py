@@ -1,0 +1,166 @@
+"""Helpers for tests of the `cocon` command and the engine: private roots with a busybox image, the
+real `cocon` launcher as a subprocess, and checks that nothing is left behind (mounts, cgroups,
+snapshots, runtime state), also after a failing test."""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cocon.images.bootstrap import bootstrap_busybox
+from cocon.images.store import ImageStore
+
+BIN_DIR = os.path.dirname(sys.executable)
+COCON = os.path.join(BIN_DIR, "cocon")
+
+
+def cgroup_dirs() -> set[str]:
+    """Every container cgroup cocon made (its default parent /cocon), in any hierarchy."""
+    return set(glob.glob("/sys/fs/cgroup/*/cocon/*/")) | set(glob.glob("/sys/fs/cgroup/cocon/*/"))
+
+
+def mounts_under(path: str) -> list[str]:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f]
+    return [p for p in points if p == real or p.startswith(real + "/")]
+
+
+def unmount_all(path: str) -> None:
+    for p in sorted(mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", p], check=False, capture_output=True)
+
+
+def remove_cgroup(path: str) -> None:
+    """rmdir a cgroup and its children (killing what is left in them)."""
+    for root, dirs, _files in os.walk(path, topdown=False):
+        for d in dirs:
+            _rmdir_cgroup(os.path.join(root, d))
+    _rmdir_cgroup(path)
+
+
+def _rmdir_cgroup(path: str) -> None:
+    procs = os.path.join(path, "cgroup.procs")
+    try:
+        with open(procs) as f:
+            for pid in f.read().split():
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+    except OSError:
+        pass
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            import time
+
+            time.sleep(0.01)
+
+
+_TEMPLATE: dict[str, str] = {}
+
+
+def busybox_template() -> str:
+    """A root holding only busybox:latest (bootstrapped once per session; copied, never used)."""
+    if "root" not in _TEMPLATE:
+        root = tempfile.mkdtemp(prefix="cocon-test-template-")
+        atexit.register(shutil.rmtree, root, True)
+        store = ImageStore(root)
+        bootstrap_busybox(store)
+        store.close()
+        _TEMPLATE["root"] = root
+    return _TEMPLATE["root"]
+
+
+def new_root_with_busybox(root: str) -> None:
+    """`root` gets a copy of the template's images (the image store database and its blobs)."""
+    template = busybox_template()
+    os.makedirs(root, exist_ok=True)
+    shutil.copytree(os.path.join(template, "content"), os.path.join(root, "content"))
+    for name in os.listdir(template):
+        if name.startswith("images.db"):
+            shutil.copy2(os.path.join(template, name), os.path.join(root, name))
+
+
+@dataclass
+class CoconEnv:
+    """A private COCON_ROOT and COCON_RUN; calling it runs the real `cocon` command in them."""
+
+    root: str
+    run: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, COCON_ROOT=self.root, COCON_RUN=self.run, **self.extra_env)
+
+    def __call__(
+        self, *args: str, check: bool = True, input: str | bytes | None = None, timeout: float = 60, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        text = not isinstance(input, bytes)
+        proc = subprocess.run(
+            [COCON, *args], env=self.env, capture_output=True, text=text, input=input, timeout=timeout, **kw
+        )
+        if not text:
+            proc.stdout = proc.stdout.decode(errors="replace")
+            proc.stderr = proc.stderr.decode(errors="replace")
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"cocon {' '.join(args)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def leftovers(self) -> list[str]:
+        """What is left that should not be: mounts, active snapshots, runtime states, bundles."""
+        found = [f"mount {m}" for m in mounts_under(self.root) + mounts_under(self.run)]
+        active = os.path.join(self.root, "snapshots", "overlayfs", "active")
+        if os.path.isdir(active):
+            found += [f"snapshot {n}" for n in os.listdir(active)]
+        for sub in ("runtime", "instances"):
+            d = os.path.join(self.run, sub)
+            if os.path.isdir(d):
+                found += [f"{sub} {n}" for n in os.listdir(d) if not n.startswith(".")]
+        return found
+
+    def force_cleanup(self) -> None:
+        """Remove every container through cocon, then whatever is still mounted."""
+        ids = self("ps", "-aq", "--no-trunc", check=False).stdout.split()
+        if ids:
+            self("rm", "-f", *ids, check=False)
+        unmount_all(self.run)
+        unmount_all(self.root)
+
+
+def cocon_env_fixture(tmp_path: Any) -> Iterator[CoconEnv]:
+    """For a fixture: a private root with busybox:latest; afterwards every container is removed and
+    the test fails if it left mounts, snapshots, runtime state or cgroups behind."""
+    before = cgroup_dirs()
+    root = os.path.join(str(tmp_path), "root")
+    run = tempfile.mkdtemp(prefix="cocon-test-run-", dir="/run")
+    new_root_with_busybox(root)
+    env = CoconEnv(root=root, run=run)
+    try:
+        yield env
+        left = env.leftovers()
+        leaked = sorted(cgroup_dirs() - before)
+        assert left == [], f"left behind: {left}"
+        assert leaked == [], f"cgroups left behind: {leaked}"
+    finally:
+        env.force_cleanup()
+        for d in cgroup_dirs() - before:
+            remove_cgroup(d)
+        unmount_all(run)
+        shutil.rmtree(run, ignore_errors=True)
