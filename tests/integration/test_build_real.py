@@ -706,7 +706,10 @@ RUN echo never
 
 
 def test_interrupting_a_run_cleans_up(env: Env) -> None:
-    ctx = env.context({"Containerfile": "FROM busybox\nRUN echo started; sleep 30; echo finished\n"})
+    # The token makes the step's shell (the container's init) findable in `ps` even when other builds
+    # run on this machine: once it is gone, its pid namespace (and the sleep in it) is gone too.
+    token = f"interrupted-{uuid.uuid4().hex[:8]}"
+    ctx = env.context({"Containerfile": f"FROM busybox\nRUN echo started; sleep 30; echo {token}\n"})
 
     def on_event(event: BuildEvent) -> None:
         if isinstance(event, StepOutput) and b"started" in event.data:
@@ -719,11 +722,12 @@ def test_interrupting_a_run_cleans_up(env: Env) -> None:
     with pytest.raises(ImageNotFound):
         env.store.resolve("interrupted")
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
-    assert "sleep 30" not in out
+    assert token not in out
 
 
 def test_a_killed_build_is_cleaned_up_by_the_next_one(env: Env) -> None:
-    ctx = env.context({"Containerfile": "FROM busybox\nRUN echo started; sleep 30\n"})
+    token = f"killed-{uuid.uuid4().hex[:8]}"  # see test_interrupting_a_run_cleans_up
+    ctx = env.context({"Containerfile": f"FROM busybox\nRUN echo started; sleep 30; echo {token}\n"})
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # a build process that dies in the middle of its RUN step (SIGKILL: no clean-up)
@@ -748,11 +752,11 @@ def test_a_killed_build_is_cleaned_up_by_the_next_one(env: Env) -> None:
         os.close(r)
         os.waitpid(pid, 0)
     assert len(env.snapshotter.list_active()) == 1  # the dead build's step is still there
-    assert "sleep 30" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert token in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     cleaned = env.builder.recover()
     assert cleaned == env.snapshotter.list_active() or len(cleaned) == 1
     assert env.snapshotter.list_active() == []
-    assert "sleep 30" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert token not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert env.builder.recover() == []
 
 
