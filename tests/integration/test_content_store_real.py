@@ -273,24 +273,30 @@ def test_writers_survive_a_clean_ingest_racing_them(root: str, pipes: Callable[[
     ContentStore(root)
     started = pipes()
 
+    stop = os.path.join(os.path.dirname(root), "stop-cleaning")
+
     def cleaner() -> None:
         s = ContentStore(root)
         started.send()
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
+        end = time.monotonic() + 60  # a bound, in case the parent dies
+        while time.monotonic() < end and not os.path.exists(stop):
             s.clean_ingest(older_than=0)
 
     pid = fork(cleaner)
     started.recv()
     store = ContentStore(root)
     written: list[tuple[Digest, bytes]] = []
-    while not os.waitpid(pid, os.WNOHANG)[0]:
-        data = f"blob {len(written)}".encode()
-        with store.writer() as w:
-            w.write(data[:3])
-            w.write(data[3:])
-            written.append((w.commit(), data))
-    assert len(written) > 10
+    try:
+        while len(written) < 200:  # a count, not a time: a loaded machine must not make it pass vacuously
+            data = f"blob {len(written)}".encode()
+            with store.writer() as w:
+                w.write(data[:3])
+                w.write(data[3:])
+                written.append((w.commit(), data))
+        assert os.waitpid(pid, os.WNOHANG)[0] == 0, "the cleaner stopped before the writers were done"
+    finally:
+        open(stop, "w").close()
+        os.waitpid(pid, 0)
     for d, data in written:
         assert store.read(d) == data
     assert ingest(root) == []
