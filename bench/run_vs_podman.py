@@ -66,9 +66,10 @@ def mark(label, took=None):
 from cocon.cli import run as runmod
 from cocon.api.local import LocalClient
 mark("imports: cli + api")
-import cocon.engine.rootfs as R, cocon.engine.instances as I, cocon.engine.lookup as LK
-import cocon.isolation.container as IC
+import cocon.engine.instances as I, cocon.isolation.container as IC
 mark("imports: engine + container driver (_sqlite3, ctypes)")
+import cocon.images.store as IS, cocon.snapshots.overlay as SO, cocon.isolation.spec
+mark("imports: image store, snapshotter, runtime config")
 import cocon.runtime.container
 mark("imports: runtime")
 def wrap(owner, name, label):
@@ -81,15 +82,16 @@ def wrap(owner, name, label):
             mark(label, time.perf_counter() - t)
     setattr(owner, name, timed)
 for owner, name, label in [
-    (LK, "resolve_id", "image lookup (images.db)"), (LK, "image_info", "image config blob"),
+    (IS.ImageStore, "resolve", "image lookup (images.db, manifest, config)"),
     (I.InstanceStore, "_conn", "open instances.db"), (I.InstanceStore, "insert", "record insert"),
-    (R, "prepare", "snapshot prepare"), (R, "mount", "overlay mount"),
-    (IC.ContainerDriver, "config_for", "runtime config (template)"),
+    (SO.OverlaySnapshotter, "prepare", "snapshot prepare"), (SO.OverlaySnapshotter, "mount", "overlay mount"),
+    (IC.ContainerDriver, "config_for", "runtime config (cocon.isolation.spec)"),
     (cocon.runtime.container.Runtime, "create", "runtime create (fork, namespaces, mounts, ...)"),
     (cocon.runtime.container.Runtime, "start", "runtime start"),
     (I.InstanceStore, "update", "record update"), (IC.ContainerDriver, "wait", "process runs (wait)"),
     (cocon.runtime.container.Runtime, "delete", "runtime delete (cgroup)"),
-    (R, "remove", "unmount + delete snapshot"), (I.InstanceStore, "delete", "record delete"),
+    (SO.OverlaySnapshotter, "remove", "unmount + delete snapshot"),
+    (I.InstanceStore, "delete", "record delete"),
 ]:
     wrap(owner, name, label)
 code = runmod.main(["--rm", "busybox", "/bin/true"])
@@ -142,7 +144,7 @@ def main() -> int:
             "podman": [*pod, "run", "--rm", "--runtime", "runc", "--network", "none", "--ulimit",
                        "nofile=1024:1024", "--ulimit", "nproc=1024:1024", podman_image, "/bin/true"],
         }  # fmt: skip
-        for cmd in tools.values():  # warm-up: page cache, .pyc files, the runtime config template
+        for cmd in tools.values():  # warm-up: page cache, .pyc files
             for _ in range(3):
                 time_run(cmd, env)
         times: dict[str, list[float]] = {name: [] for name in tools}

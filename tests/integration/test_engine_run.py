@@ -25,6 +25,7 @@ from cocon.images.layers import dir_to_layer
 from cocon.isolation.base import Stdio
 from cocon.oci.image_spec import OCI_LAYER_GZIP, Descriptor
 from cocon.snapshots import OverlaySnapshotter
+from cocon.snapshots.probe import overlay_volatile_supported
 
 
 @pytest.fixture
@@ -133,20 +134,31 @@ def test_life_cycle_records_and_inspect(engine: Engine, tmp_path: Any) -> None:
         engine.containers.inspect("cycle")
 
 
-def test_the_lean_snapshot_is_the_snapshotters_own(engine: Engine, tmp_path: Any) -> None:
+def test_the_root_filesystem_is_a_snapshotter_snapshot(engine: Engine, tmp_path: Any) -> None:
     cid = engine.containers.create({"Image": "busybox", "Cmd": ["true"]})["Id"]
     snapshotter = OverlaySnapshotter(os.path.join(engine.root, "snapshots", "overlayfs"))
     assert snapshotter.list_active() == [cid]
     snap = snapshotter.snapshot(cid)
-    assert snap.kind == "overlay" and snap.mount_cwd is None
-    from cocon.engine import rootfs
-
-    assert rootfs.mount_data(engine.snapshot_root, cid, list(snap.parents)) == snap.options
-    merged = snapshotter.mount(cid)  # the snapshotter mounts what the engine prepared …
+    assert snap.kind == "overlay" and snap.mount_cwd is None and not snap.readonly
+    merged = snapshotter.mount(cid)  # another snapshotter (another process) mounts it …
     assert os.path.isfile(os.path.join(merged, "bin", "busybox"))
     snapshotter.unmount(cid)
     engine.containers.remove(cid)  # … and the engine removes it
     assert snapshotter.list_active() == []
+
+
+def test_a_removed_containers_overlay_is_volatile(engine: Engine, tmp_path: Any) -> None:
+    """--rm: no sync of the upper dir at unmount (Linux 5.10+); a kept container's overlay syncs."""
+    options = {}
+    for auto_remove in (True, False):
+        body = {"Image": "busybox", "Cmd": ["sh", "-c", "grep ' / / ' /proc/self/mountinfo"],
+                "HostConfig": {"AutoRemove": auto_remove}}  # fmt: skip
+        code, out, err = run(engine, str(tmp_path), body, f"vol-{auto_remove}".lower())
+        assert code == 0, err
+        options[auto_remove] = out
+    engine.containers.remove("vol-false")
+    flags = {k: set(v.split()[-1].split(",")) & {"volatile", "fsync=volatile"} for k, v in options.items()}
+    assert bool(flags[True]) == overlay_volatile_supported() and not flags[False]
 
 
 def test_many_layers_use_the_snapshotter(engine: Engine, tmp_path: Any) -> None:

@@ -366,3 +366,44 @@ def test_fill_that_fails_after_whiteouts_leaves_nothing(snap: OverlaySnapshotter
         snap.add_layer(digest(0), fill)
     assert os.listdir(os.path.join(snap.root, "layers")) == []
     assert os.listdir(os.path.join(snap.root, "tmp")) == []
+
+
+def super_options(mount_point: str) -> list[str]:
+    """The filesystem options mountinfo shows for the mount at `mount_point` (read independently)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mount_point:
+                return fields[fields.index("-", 6) + 3].split(",")
+    raise AssertionError(f"{mount_point} is not mounted")
+
+
+def test_volatile_mounts(snap: OverlaySnapshotter) -> None:
+    from cocon.snapshots.probe import overlay_volatile_supported
+
+    ids = chain_ids([digest(0), digest(1)])
+    for c in ids:
+        snap.add_layer(c, one_file(c[7:15], "x"))
+    snap.prepare("gone-soon", ids)
+    snap.prepare("kept", ids)
+    snap.prepare("bind", [])
+    snap.prepare("ro", ids[:1], readonly=True)
+    try:
+        volatile = super_options(snap.mount("gone-soon", volatile=True))
+        is_volatile = {"volatile", "fsync=volatile"}.intersection
+        assert bool(is_volatile(volatile)) == overlay_volatile_supported()
+        assert any(o.startswith("upperdir=") for o in volatile)
+        assert snap.mount("gone-soon", volatile=True) == snap.snapshot("gone-soon").path  # mounted: no-op
+        assert not is_volatile(super_options(snap.mount("kept")))
+        for key in ("bind", "ro"):  # not overlays: nothing to sync, the option is not given
+            merged = snap.mount(key, volatile=True)
+            assert os.path.ismount(merged) or mount_points_under(merged) == [merged]
+        write(f"{snap.snapshot('gone-soon').path}/new", "y")
+        snap.unmount("gone-soon")
+        snap.unmount("gone-soon")  # idempotent
+        assert mount_points_under(snap.snapshot("gone-soon").path) == []
+    finally:
+        for key in ("gone-soon", "kept", "bind", "ro"):
+            snap.remove(key)
+    assert mount_points_under(snap.root) == [] and snap.list_active() == []
+    assert os.listdir(os.path.join(snap.root, "tmp")) == []

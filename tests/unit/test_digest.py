@@ -110,3 +110,23 @@ def test_hasher_counts_bytes_of_wide_memoryviews() -> None:
 def test_hasher_unsupported_algorithm() -> None:
     with pytest.raises(DigestError, match="unsupported digest algorithm 'md5'"):
         Hasher("md5")
+
+
+@pytest.mark.parametrize(
+    "algorithm, ok",
+    [("sha256", True), ("a+b.c_d-e", True), ("x1", True), ("", False), ("+a", False), ("a+", False),
+     ("a++b", False), ("a+.b", False), ("A", False), ("a b", False), ("é", False)],
+)  # fmt: skip
+def test_algorithm_grammar(algorithm: str, ok: bool) -> None:
+    from cocon.oci.digest import _algorithm_ok
+
+    assert _algorithm_ok(algorithm) is ok
+
+
+def test_sha256_hex_small_and_large() -> None:
+    from cocon.oci.digest import is_lower_hex, sha256_hex
+
+    for data in (b"", b"abc", b"x" * 65536, b"y" * 65537, bytearray(b"z" * 10), memoryview(b"w" * 100_000)):
+        assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
+    assert is_lower_hex("0123456789abcdef") and is_lower_hex("")
+    assert not is_lower_hex("0A") and not is_lower_hex("g") and not is_lower_hex("٣")

@@ -1,5 +1,5 @@
-"""Pieces of the engine that need no container: fast image lookups (checked against the image store),
-instance records, the lean snapshot format (checked against the snapshotter), runtime config templates."""
+"""Pieces of the engine that need no container: images for running (through the image store and the
+snapshotter), instance records, names and options, the runtime config of an instance."""
 
 from __future__ import annotations
 
@@ -9,64 +9,54 @@ from typing import Any
 
 import pytest
 
-from cocon.engine import lookup, rootfs
 from cocon.engine.containers import _tmpfs_options, effective_args, human_duration, validate_name
+from cocon.engine.engine import Engine
 from cocon.engine.errors import Conflict, EngineError, InvalidRequest, NotFound
 from cocon.engine.instances import InstanceRecord, InstanceStore
-from cocon.images.reference import Reference
-from cocon.images.store import ImageStore
-from cocon.isolation.base import InstanceConfig
-from cocon.isolation.container import HOSTNAME_PLACEHOLDER, ContainerDriver, exit_code_for, process_args
-from cocon.snapshots import OverlaySnapshotter, chain_ids
+from cocon.isolation.base import InstanceConfig, IsolationError
+from cocon.isolation.container import ContainerDriver, exit_code_for
+from cocon.snapshots import chain_ids
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["busybox", "busybox:1.36", "library/busybox", "team/app:v1.0-rc_1", "a.b-c/d__e", "my.registry/app:1",
-     "localhost/app", "x-y", "app:UPPER", "a/b/c/d"],
-)  # fmt: skip
-def test_fast_normalize_agrees_with_references(text: str) -> None:
-    assert lookup.fast_normalize(text) == str(Reference.parse(text))
+def test_images_for_running_come_from_the_image_store(tmp_path: Any) -> None:
+    import io
 
+    from cocon.images.layers import dir_to_layer
+    from cocon.oci.image_spec import OCI_LAYER_GZIP, Descriptor
 
-@pytest.mark.parametrize(
-    "text",
-    ["", "Busybox", "a.b-c__d/e", "busybox@sha256:" + "a" * 64, "localhost:5000/app", "docker.io/busybox", "a..b",
-     "-a", "a-", "a/", "/a", "a//b", "app:", "app:-x", "a_-b", "a___b", "a" * 256, "x:" + "t" * 129],
-)  # fmt: skip
-def test_fast_normalize_leaves_the_rest_to_the_store(text: str) -> None:
-    assert lookup.fast_normalize(text) is None
-
-
-def test_chain_ids_match_the_snapshotters() -> None:
-    diffs = ["sha256:" + c * 64 for c in "abc"]
-    assert list(lookup.chain_ids(diffs) or []) == chain_ids(diffs)
-    assert lookup.chain_ids(["sha256:short"]) is None
-    assert lookup.chain_ids([]) == ()
-
-
-def test_lookups_agree_with_the_image_store(tmp_path: Any) -> None:
-    root = str(tmp_path)
-    store = ImageStore(root)
-    layer = store.content.put(b"not really a layer")
-    from cocon.oci.image_spec import OCI_LAYER, Descriptor
-
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"], "Env": ["A=1"]},
-                         "rootfs": {"type": "layers", "diff_ids": [str(layer)]}}).encode()  # fmt: skip
-    image = store.commit(
-        config, [Descriptor(media_type=OCI_LAYER, digest=str(layer), size=18)], names=["team/app:1"]
-    )
-    store.close()
-    assert lookup.resolve_id(root, "team/app:1") == image.id
-    assert lookup.resolve_id(root, image.id[7:19]) == image.id
-    assert lookup.resolve_id(root, image.id) == image.id
-    assert lookup.resolve_id(root, "team/app:2") is None
-    assert lookup.resolve_id(root, "docker.io/team/app:1") is None  # not a fast form: the store answers
-    info = lookup.image_info(root, image.id)
-    assert info is not None and info.config == {"Cmd": ["sh"], "Env": ["A=1"]}
-    assert info.chain_ids == (str(layer),) and info.config_blob == config
-    assert lookup.image_info(root, "sha256:" + "0" * 64) is None
-    assert lookup.resolve_id(str(tmp_path / "empty"), "busybox") is None
+    engine = Engine(str(tmp_path / "root"), str(tmp_path / "run"))
+    try:
+        descs, diff_ids = [], []
+        for n in range(2):
+            layer_dir = tmp_path / f"layer{n}"
+            layer_dir.mkdir()
+            (layer_dir / f"file{n}").write_text(str(n))
+            buf = io.BytesIO()
+            layer = dir_to_layer(str(layer_dir), buf)
+            engine.images.content.put(buf.getvalue())
+            descs.append(Descriptor(media_type=OCI_LAYER_GZIP, digest=layer.digest, size=layer.size))
+            diff_ids.append(layer.diff_id)
+        config = json.dumps({"architecture": "amd64", "os": "linux",
+                             "config": {"Cmd": ["sh"], "Env": ["A=1"], "Volumes": {"/data": {}}},
+                             "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()  # fmt: skip
+        image = engine.images.commit(config, descs, names=["team/app:1"])
+        chains = tuple(chain_ids(diff_ids))
+        info = engine.image_for_run("team/app:1")
+        assert info.id == image.id and info.chain_ids == chains and len(chains) == 2
+        assert info.config == {"Cmd": ["sh"], "Env": ["A=1"], "Volumes": {"/data": {}}}
+        for chain in chains:  # unpacked on first use, into the snapshotter
+            assert engine.snapshotter.has_layer(chain)
+        with open(os.path.join(engine.snapshotter.layer_dir(chains[1]), "file1")) as f:
+            assert f.read() == "1"
+        # the image store's ways of naming an image: full and partial IDs, name@manifest-digest
+        for ref in (image.id, image.id[7:19], f"team/app@{image.manifest_digest}", "docker.io/team/app:1"):
+            assert engine.image_for_run(ref) == info
+        with pytest.raises(NotFound, match="no image 'team/app:2'"):
+            engine.image_for_run("team/app:2")
+        with pytest.raises(NotFound, match="neither an image name nor an image ID"):
+            engine.image_for_run("Not A Name")
+    finally:
+        engine.close()
 
 
 def _record(cid: str, name: str, image: str = "sha256:" + "1" * 64) -> InstanceRecord:
@@ -112,45 +102,6 @@ def test_instance_records(tmp_path: Any) -> None:
         InstanceStore(str(tmp_path)).list()
 
 
-def test_lean_snapshots_in_the_snapshotters_format(tmp_path: Any) -> None:
-    snap = OverlaySnapshotter(str(tmp_path / "snaps"))
-    root = snap.root
-    parents = []
-    for n in range(3):
-        chain = "sha256:" + str(n) * 64
-        snap.add_layer(chain, lambda d: None)
-        parents.append(chain)
-    assert rootfs.prepare(root, "c1", parents)
-    assert snap.list_active() == ["c1"]
-    described = snap.snapshot("c1")
-    assert described.parents == tuple(parents) and not described.readonly
-    assert rootfs.mount_data(root, "c1", parents) == described.options
-    with pytest.raises(rootfs.RootfsError, match="already exists"):
-        rootfs.prepare(root, "c1", parents)
-    with pytest.raises(Exception, match="in use"):
-        snap.remove_layer(parents[0])  # the snapshotter sees the lean snapshot's parents
-    assert not rootfs.prepare(root, "c2", [])  # no layers: left to the snapshotter
-    assert not rootfs.prepare(root, "c3", ["sha256:" + "9" * 64])  # a missing layer: the same
-    rootfs.remove(root, "c1")
-    rootfs.remove(root, "c1")  # idempotent
-    assert snap.list_active() == [] and os.listdir(os.path.join(root, "tmp")) == []
-    snap.prepare("c4", parents)
-    rootfs.remove(root, "c4")  # and the other way round
-    assert snap.list_active() == []
-
-
-def test_long_lowerdir_lists_are_left_to_the_snapshotter(tmp_path: Any) -> None:
-    snap = OverlaySnapshotter(str(tmp_path / ("x" * 100)))
-    import hashlib
-
-    parents = ["sha256:" + hashlib.sha256(str(n).encode()).hexdigest() for n in range(40)]
-    for p in parents:
-        snap.add_layer(p, lambda d: None)
-    assert rootfs.mount_data(snap.root, "k", parents) is None
-    assert not rootfs.prepare(snap.root, "k", parents)
-    assert snap.list_active() == []
-
-
 def test_names_args_tmpfs_durations() -> None:
     assert validate_name("/web-1.a_b") == "web-1.a_b"
     for bad in ("x", "-a", "a b", "a/b", "é1"):
@@ -187,70 +138,35 @@ def _cfg(tmp: str, **kw: Any) -> InstanceConfig:
     return InstanceConfig(**base)
 
 
-def test_runtime_config_templates(tmp_path: Any) -> None:
+def test_runtime_config_of_each_instance(tmp_path: Any) -> None:
     tmp = str(tmp_path)
     from cocon.images.busybox import make_rootfs
 
     make_rootfs(os.path.join(tmp, "rootfs"))
-    driver = ContainerDriver(os.path.join(tmp, "runtime"), os.path.join(tmp, "cache"))
+    driver = ContainerDriver(os.path.join(tmp, "runtime"))
     mount = {"destination": "/data", "type": "bind", "source": "/v", "options": ["rbind", "rw"]}
-    doc = driver.config_for(_cfg(tmp, mounts=[mount], process={"Env": ["X=1"]}))
+    doc = driver.config_for(_cfg(tmp, mounts=[mount], process={"Env": ["X=1"]}, cgroups_path="/cocon/c1"))
     assert doc["root"]["path"] == os.path.join(tmp, "rootfs") and doc["hostname"] == "host1"
-    assert "HOSTNAME=host1" in doc["process"]["env"] and "X=1" in doc["process"]["env"]
-    assert doc["mounts"][-1] == mount and doc["process"]["args"] == ["sh"]
+    assert doc["process"]["env"][:2] == ["PATH=/bin", "HOSTNAME=host1"] and "X=1" in doc["process"]["env"]
+    assert doc["mounts"][-1] == mount and doc["mounts"][0]["destination"] == "/proc"
+    assert doc["process"]["args"] == ["sh"] and doc["linux"]["cgroupsPath"] == "/cocon/c1"
     assert doc["process"]["noNewPrivileges"] is True and doc["linux"]["seccomp"] is not None
-    assert len(os.listdir(os.path.join(tmp, "cache"))) == 1
-    # the same options again: the cached template, filled with this run's values
-    again = driver.config_for(_cfg(tmp, hostname="other", process={"Env": ["X=1"]}))
-    assert again["hostname"] == "other" and "HOSTNAME=other" in again["process"]["env"]
-    assert again["mounts"] == doc["mounts"][:-1]
-    assert HOSTNAME_PLACEHOLDER not in json.dumps(again)
-    assert len(os.listdir(os.path.join(tmp, "cache"))) == 1
-    # other options: another template
-    other = driver.config_for(_cfg(tmp, process={"Env": ["X=1"], "Cmd": ["echo", "hi"]}))
-    assert other["process"]["args"] == ["echo", "hi"]  # the command is filled in: the same template
-    assert len(os.listdir(os.path.join(tmp, "cache"))) == 1
-    driver.config_for(_cfg(tmp, cap_drop=["ALL"]))
-    driver.config_for(_cfg(tmp, memory=64 << 20))
-    assert len(os.listdir(os.path.join(tmp, "cache"))) == 3
-    from cocon.isolation.base import IsolationError
-
+    assert os.listdir(tmp) == ["rootfs"]  # nothing cached or written
+    # what differs between instances is what they asked for
+    other = driver.config_for(_cfg(tmp, hostname="other", process={"Entrypoint": ["echo"], "Cmd": ["hi"]}))
+    assert other["hostname"] == "other" and "HOSTNAME=other" in other["process"]["env"]
+    assert other["mounts"] == doc["mounts"][:-1] and other["process"]["args"] == ["echo", "hi"]
+    assert "cgroupsPath" not in other["linux"]
+    dropped = driver.config_for(_cfg(tmp, cap_drop=["ALL"], memory=64 << 20, seccomp="unconfined"))
+    caps = dropped["process"]["capabilities"]
+    assert caps == {"bounding": [], "effective": [], "permitted": []} and "seccomp" not in dropped["linux"]
+    assert dropped["linux"]["resources"]["memory"] == {"limit": 64 << 20, "swap": 128 << 20}
     with pytest.raises(IsolationError, match="unable to find user"):
         driver.config_for(_cfg(tmp, process={"User": "ghost"}))
-
-
-@pytest.mark.parametrize("image_entry", [None, ["/entry"], []])
-@pytest.mark.parametrize("image_cmd", [None, ["default", "arg"], []])
-@pytest.mark.parametrize("entrypoint", [None, [], ["sh", "-c"]])
-@pytest.mark.parametrize("cmd", [None, [], ["echo", "x"]])
-def test_process_args_follow_docker_like_the_spec_module(
-    image_entry: list[str] | None,
-    image_cmd: list[str] | None,
-    entrypoint: list[str] | None,
-    cmd: list[str] | None,
-) -> None:
-    from cocon.isolation.base import IsolationError
-    from cocon.isolation.spec import ProcessRequest, SpecError, process_from_image
-    from cocon.oci.image_spec import ContainerConfig
-
-    blob = json.dumps({"config": {"Entrypoint": image_entry, "Cmd": image_cmd}}).encode()
-    process: dict[str, Any] = {}
-    if cmd is not None:
-        process["Cmd"] = cmd
-    if entrypoint is not None:
-        process["Entrypoint"] = entrypoint
-    try:
-        expected: list[str] | None = process_from_image(
-            ContainerConfig(entrypoint=image_entry, cmd=image_cmd),
-            ProcessRequest(command=cmd or None, entrypoint=entrypoint),
-        ).args
-    except SpecError:
-        expected = None
-    if expected is None:
-        with pytest.raises(IsolationError, match="no command to run"):
-            process_args(blob, process)
-    else:
-        assert process_args(blob, process) == expected
+    with pytest.raises(IsolationError, match="no command to run"):
+        driver.config_for(_cfg(tmp, process={"Entrypoint": []}))  # clears the image's CMD too
+    with pytest.raises(IsolationError, match="not valid JSON"):
+        driver.config_for(_cfg(tmp, image_config=b"{"))
 
 
 def test_local_client_answers_with_api_errors(tmp_path: Any) -> None:

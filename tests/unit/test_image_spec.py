@@ -582,3 +582,23 @@ def test_parse_and_format_platform() -> None:
     for bad in ("", "linux/", "a/b/c/d", "/amd64"):
         with pytest.raises(ImageSpecError, match="is not a platform: expected os/arch"):
             ispec.parse_platform(bad)
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [(ispec.OCI_MANIFEST, True), ("a/b", True), ("text/plain+x!#$&^_.-", True), ("a" * 127 + "/b", True),
+     ("a" * 128 + "/b", False), ("a/", False), ("/b", False), ("a/b/c", False), ("-a/b", False),
+     ("a/b; charset=utf-8", False), ("é/b", False), ("ab", False)],
+)  # fmt: skip
+def test_media_type_syntax(value: str, ok: bool) -> None:
+    assert ispec.is_media_type(value) is ok
+
+
+@pytest.mark.parametrize(
+    "key, ok",
+    [("80", True), ("80/tcp", True), ("53/udp", True), ("9/sctp", True), ("1000-2000/tcp", True),
+     ("65535", True), ("00080", True), ("0", False), ("65536", False), ("80/", False), ("80/icmp", False),
+     ("80-", False), ("-80", False), ("123456", False), ("\uff18\uff10", False), ("80 /tcp", False), ("", False)],
+)  # fmt: skip
+def test_exposed_port_syntax(key: str, ok: bool) -> None:
+    assert ispec.is_exposed_port(key) is ok

@@ -96,3 +96,15 @@ def test_container_spec_has_docker_defaults(rootfs):
         container_spec(rootfs, proc, ContainerRequest(cap_add=["FLY"]))
     with pytest.raises(SpecError, match="seccomp=/nonexistent"):
         container_spec(rootfs, proc, ContainerRequest(seccomp="/nonexistent"))
+
+
+def test_requests_have_fresh_defaults_equality_and_repr():
+    a, b = ProcessRequest(), ProcessRequest()
+    a.env.append("X=1")
+    assert b.env == [] and a != b and ProcessRequest(env=["X=1"]) == a
+    assert repr(a) == "ProcessRequest(command=None, entrypoint=None, env=['X=1'], workdir=None, user=None)"
+    c, d = ContainerRequest(), ContainerRequest()
+    c.mounts.append(None)  # type: ignore[arg-type]
+    assert d.mounts == [] and d.cap_add == [] and d.sysctl == {} and c != d
+    assert ContainerRequest(hostname="h", memory=1) == ContainerRequest(hostname="h", memory=1)
+    assert repr(d).startswith("ContainerRequest(hostname='cocon', terminal=False, read_only=False, mounts=[]")

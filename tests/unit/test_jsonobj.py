@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from cocon.oci.jsonobj import DecodeError, decode, encode, field, json_object, replace
@@ -73,3 +75,52 @@ def test_fastjson_matches_json_and_reports_errors_without_json_imported() -> Non
     probe = "from cocon import _fastjson\ntry:\n    _fastjson.loads('{')\nexcept ValueError as e:\n    print('ValueError', e)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.startswith("ValueError")
+
+
+def test_lists_and_maps_of_scalars_are_copied_and_checked() -> None:
+    doc = b'{"name": "x", "inner": {"hostID": 1, "tags": ["a", "b"]}, "labels": {"k": "v"}}'
+    obj = decode(doc, Outer)
+    assert obj.inner is not None and obj.inner.tags == ["a", "b"] and obj.labels == {"k": "v"}
+    for bad, message in (
+        (
+            b'{"name": "x", "inner": {"hostID": 1, "tags": ["a", 2]}}',
+            "Expected `str`, got `int` - at `$.inner.tags[1]`",
+        ),
+        (b'{"name": "x", "inner": {"hostID": 1.5}}', "Expected `int`, got `float` - at `$.inner.hostID`"),
+        (b'{"name": null}', "Expected `str`, got `null` - at `$.name`"),
+        (b'{"name": "x", "labels": {"a": "b", "c": null}}', "Expected `str`, got `null` - at `$.labels.c`"),
+    ):
+        with pytest.raises(DecodeError) as info:
+            decode(bad, Outer)
+        assert message in str(info.value)
+
+
+def test_classes_are_read_on_first_use_once_even_from_threads() -> None:
+    import threading
+
+    @json_object()
+    class Lazy:
+        a: int
+        b: list[str] = field(default_factory=list)
+        c: str | None = None
+
+    assert Lazy.__dict__["_json_fields"] is None  # nothing read at definition
+    results: list[Any] = []
+    start = threading.Barrier(8)
+
+    def use() -> None:
+        start.wait()
+        results.append(decode(b'{"a": 1, "c": "x"}', Lazy))
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [Lazy(a=1, c="x")] * 8 and results[0].b == []
+    assert [f.attr for f in Lazy._json_fields] == ["a", "b", "c"]  # type: ignore[attr-defined]
+
+    class Sub(Lazy):  # not decorated: the parent's fields
+        pass
+
+    assert encode(Sub(a=2)) == b'{"a": 2}' and repr(Sub(a=2)) == "Sub(a=2, b=[], c=None)"

@@ -464,3 +464,21 @@ def test_runtime_module_does_not_import_the_bindings() -> None:
     code = "import sys, cocon.runtime.seccomp; print('seccomp' in sys.modules, 'msgspec' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize(
+    "text, version",
+    [("5.10.0-26-amd64", (5, 10)), ("6.1", (6, 1)), ("4.19.0+", (4, 19)), ("10.0rc1", (10, 0))],
+)
+def test_kernel_versions(text: str, version: tuple[int, int]) -> None:
+    from cocon.oci.seccomp_profiles import _parse_kernel
+
+    assert _parse_kernel(text, "release") == version
+
+
+@pytest.mark.parametrize("text", ["", "6", "6.", ".1", "x.y", "v5.10"])
+def test_kernel_versions_refused(text: str) -> None:
+    from cocon.oci.seccomp_profiles import _parse_kernel
+
+    with pytest.raises(ConfigError, match="cannot read a kernel version"):
+        _parse_kernel(text, "release")

@@ -343,3 +343,97 @@ def test_corrupt_record_stops_layer_deletion(snap: OverlaySnapshotter) -> None:
     assert snap.has_layer(A)
     snap.remove("broken")  # removing the snapshot itself still works
     assert snap.gc_layers(keep=[]) == [A]
+
+
+# --- the pieces written by hand (no base64, re, shutil or tempfile at import) -----------------------
+def test_short_ids_are_base32_of_the_digest() -> None:
+    import base64
+
+    for n in range(200):
+        chain = digest(n)
+        want = base64.b32encode(bytes.fromhex(chain[7:])).decode()[:20]
+        assert OverlaySnapshotter.short_id(chain) == want
+    assert OverlaySnapshotter.short_id("sha512:" + "f" * 128) == "7" * 20
+
+
+@pytest.mark.parametrize("key", ["a", "Z9", "c_1.2+x-y", "k" * 128, "0" + "-" * 127])
+def test_valid_snapshot_keys(key: str) -> None:
+    from cocon.snapshots.overlay import validate_key
+
+    assert validate_key(key) == key
+
+
+@pytest.mark.parametrize("key", ["", "-a", ".a", "_a", "a/b", "..", "a b", "é", "k" * 129, "a\n", 5])
+def test_invalid_snapshot_keys(key: str) -> None:
+    from cocon.snapshots.overlay import validate_key
+
+    with pytest.raises(SnapshotError, match="invalid snapshot key"):
+        validate_key(key)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [("sha256:" + "a" * 64, True), ("sha512:" + "0" * 128, True), ("sha256:" + "A" * 64, False),
+     ("sha256:" + "a" * 63, False), ("sha512:" + "a" * 64, False), ("md5:" + "a" * 32, False),
+     ("sha256:" + "a" * 63 + "\n", False), ("sha256" + "a" * 65, False), (None, False)],
+)  # fmt: skip
+def test_digests_are_canonical(value: str, ok: bool) -> None:
+    from cocon.snapshots.chain import is_digest, validate_digest
+
+    assert is_digest(value) is ok
+    if not ok:
+        with pytest.raises(SnapshotError, match="invalid digest"):
+            validate_digest(value)
+
+
+def test_remove_tree_goes_deeper_than_recursion_and_never_follows_links(tmp_path: os.PathLike[str]) -> None:
+    import sys
+
+    from cocon.snapshots.overlay import remove_tree
+
+    outside = os.path.join(str(tmp_path), "outside")
+    os.mkdir(outside)
+    write(os.path.join(outside, "keep"), "x")
+    top = path = os.path.join(str(tmp_path), "tree")
+    os.mkdir(top)
+    for _ in range(sys.getrecursionlimit() + 50):
+        path = os.path.join(path, "d")
+        os.mkdir(path)
+    write(os.path.join(path, "deep"), "x")
+    os.symlink(outside, os.path.join(top, "link"))
+    os.symlink(os.path.join(outside, "keep"), os.path.join(path, "file-link"))
+    os.mkfifo(os.path.join(top, "fifo"))
+    remove_tree(top)
+    assert not os.path.lexists(top) and os.listdir(outside) == ["keep"]
+    remove_tree(top)  # a missing path is not an error
+    write(os.path.join(str(tmp_path), "plain"), "x")
+    remove_tree(os.path.join(str(tmp_path), "plain"))  # nor a file
+    assert sorted(os.listdir(str(tmp_path))) == ["outside"]
+
+
+def test_mountinfo_escapes(tmp_path: os.PathLike[str]) -> None:
+    from cocon.snapshots import mounts
+
+    for path in ["/a b", "/tab\there", "/new\nline", "/back\\slash", "/back\\134literal", "/é"]:
+        escaped = mounts._escape(path)
+        assert b" " not in escaped and b"\t" not in escaped and b"\n" not in escaped
+        assert mounts._unescape(escaped) == path
+    assert mounts._unescape(b"/a\\040b\\") == "/a b\\"  # a trailing backslash stays
+    assert mounts.is_mountpoint("/proc") and not mounts.is_mountpoint(str(tmp_path))
+    assert "/proc" in mounts.mounts_under("/proc")[-1:]
+    assert mounts.mounts_under(os.path.join(str(tmp_path), "nothing-here")) == []
+
+
+def test_the_package_loads_its_parts_on_use() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, cocon.snapshots as s\n"
+        "assert 'cocon.snapshots.overlay' not in sys.modules\n"
+        "assert s.chain_ids([]) == [] and 'cocon.snapshots.overlay' not in sys.modules\n"
+        "assert s.OverlaySnapshotter.__module__ == 'cocon.snapshots.overlay'\n"
+        "try:\n    s.nothing\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "has no attribute 'nothing'" in out

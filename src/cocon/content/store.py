@@ -16,13 +16,11 @@ a commit or a lease is in progress.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import fcntl
 import os
-import secrets
 import stat
-import threading
 import time
+from _thread import _local
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING
@@ -35,11 +33,9 @@ from cocon.content.errors import (
     SizeMismatch,
 )
 from cocon.oci.digest import ALGORITHMS, Digest, DigestError, Hasher, as_digest, digest_of
-from cocon.oci.errors import OCIError
-from cocon.oci.image_spec import manifest_kind, parse_index, parse_manifest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator
+    from collections.abc import Callable, Iterable
     from types import TracebackType
     from typing import BinaryIO, Protocol
 
@@ -93,7 +89,7 @@ class Writer:
         use; the kernel drops it when the writer's process dies, whatever the way. A clean_ingest with
         older_than=0 may take a file between its creation and its lock: then start over."""
         for _ in range(5):
-            path = os.path.join(directory, secrets.token_hex(16))
+            path = os.path.join(directory, os.urandom(16).hex())
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as exc:
@@ -188,8 +184,10 @@ class Writer:
         if self._fd < 0:
             return
         self._release()
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self._path)
+        except FileNotFoundError:
+            pass
 
     def __enter__(self) -> Writer:
         return self
@@ -202,8 +200,66 @@ class Writer:
     def __del__(self) -> None:
         # An abandoned writer cleans up after itself, as a file object closes itself.
         if getattr(self, "_fd", -1) >= 0:
-            with contextlib.suppress(OSError):
+            try:
                 self.close()
+            except OSError:
+                pass
+
+
+class _StoreLock:
+    """flock(2) on the store's lock file for a `with` block: shared, or exclusive (gc)."""
+
+    __slots__ = ("_exclusive", "_fd", "_path")
+
+    def __init__(self, path: str, exclusive: bool) -> None:
+        self._path = path
+        self._exclusive = exclusive
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if self._exclusive else fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        fd, self._fd = self._fd, -1
+        os.close(fd)  # drops the lock
+
+
+class _Lease:
+    """What `ContentStore.lease()` returns: the shared lock, and this thread's lease depth (which gc
+    checks so that it never waits for a lease of its own thread)."""
+
+    __slots__ = ("_depth", "_lock", "_store")
+
+    def __init__(self, store: ContentStore) -> None:
+        self._store = store
+        self._lock = store._locked(exclusive=False)
+        self._depth = 0
+
+    def __enter__(self) -> None:
+        local = self._store._local
+        self._depth = getattr(local, "leases", 0)
+        local.leases = self._depth + 1
+        try:
+            self._lock.__enter__()
+        except BaseException:
+            local.leases = self._depth
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self._lock.__exit__(exc_type, exc, tb)
+        finally:
+            self._store._local.leases = self._depth
 
 
 class ContentStore:
@@ -214,7 +270,7 @@ class ContentStore:
         self._blobs = os.path.join(self.root, "blobs")
         self._ingest = os.path.join(self.root, "ingest")
         self._lock_path = os.path.join(self.root, "lock")
-        self._local = threading.local()
+        self._local = _local()  # threading.local without importing threading
         try:
             os.makedirs(os.path.join(self._blobs, "sha256"), exist_ok=True)
             os.makedirs(self._ingest, mode=0o700, exist_ok=True)
@@ -227,27 +283,14 @@ class ContentStore:
 
     # --- locking -------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self, exclusive: bool) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)  # drops the lock
+    def _locked(self, exclusive: bool) -> _StoreLock:
+        return _StoreLock(self._lock_path, exclusive)
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[None]:
+    def lease(self) -> _Lease:
         """Hold garbage collection off (in every process) for the block: blobs written inside it stay
         even though no root reaches them yet. Record your new roots before the block ends. Do not call
         gc() inside a lease of the same thread (it raises rather than wait for itself)."""
-        depth: int = getattr(self._local, "leases", 0)
-        self._local.leases = depth + 1
-        try:
-            with self._locked(exclusive=False):
-                yield
-        finally:
-            self._local.leases = depth
+        return _Lease(self)
 
     # --- writing -------------------------------------------------------------------------------------
 
@@ -408,9 +451,11 @@ class ContentStore:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live writer
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(path)
-                    removed.append(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
             finally:
                 os.close(fd)
         return removed
@@ -421,6 +466,9 @@ class ContentStore:
         """The blobs a stored manifest or index refers to (index: manifests; manifest: config and
         layers; both: subject). Empty for blobs that are not manifests or are not stored. Raises
         GCError for a document that looks like a manifest cocon cannot read."""
+        from cocon.oci.errors import OCIError
+        from cocon.oci.image_spec import manifest_kind, parse_index, parse_manifest
+
         d = as_digest(digest)
         try:
             with builtins.open(self._blob_path(d), "rb") as f:
@@ -486,10 +534,12 @@ class ContentStore:
             for d in self.list():
                 if d in keep:
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(self._blob_path(d))
-                    removed.append(d)
-                    touched.add(d.algorithm)
+                except FileNotFoundError:
+                    continue
+                removed.append(d)
+                touched.add(d.algorithm)
             for algorithm in touched:
                 _fsync_dir(os.path.join(self._blobs, algorithm))
         return removed

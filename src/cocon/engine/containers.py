@@ -179,17 +179,14 @@ class Containers:
     def _state_dir(self, instance_id: str) -> str:
         return os.path.join(self.e.run_dir, "instances", instance_id)
 
-    def _lean_snapshot(self, rec: InstanceRecord) -> bool:
-        from cocon.engine.rootfs import mount_data
-
-        chains = rec.config.get("ChainIDs") or []
-        return bool(chains) and mount_data(self.e.snapshot_root, rec.snapshot, chains) is not None
-
     def status(self, rec: InstanceRecord) -> str:
         """The record's status, corrected for supervisors that died: "dead" when the record says
         running but neither its process nor its supervisor is alive."""
         if rec.status != "running" or rec.id in self._handles:
             return rec.status
+        if rec.config.get("Supervisor") == "conmon":  # detached (cocon.engine.supervisor)
+            status = self.e.supervisor.status(rec)
+            return "running" if status == "exiting" else status  # "exiting": about to be collected
         if self.e.driver(rec.isolation).state(rec.id) in ("running", "paused", "created"):
             return "running"
         if rec.supervisor and _process_start(rec.supervisor) == rec.supervisor_start:
@@ -321,18 +318,10 @@ class Containers:
             raise InvalidRequest(str(exc)) from None
 
     def _prepare_snapshot(self, rec: InstanceRecord) -> None:
-        from cocon.engine import rootfs
-
-        chains = rec.config["ChainIDs"]
-        try:
-            if rootfs.prepare(self.e.snapshot_root, rec.snapshot, chains):
-                return
-        except rootfs.RootfsError as exc:
-            raise EngineError(str(exc)) from None
-        from cocon.snapshots import SnapshotError
+        from cocon.snapshots.errors import SnapshotError
 
         try:
-            self.e.snapshotter.prepare(rec.snapshot, chains)
+            self.e.snapshotter.prepare(rec.snapshot, rec.config["ChainIDs"])
         except SnapshotError as exc:
             raise EngineError(str(exc)) from None
 
@@ -403,7 +392,7 @@ class Containers:
         return profile
 
     def _store_profile(self, data: bytes) -> str:
-        from cocon.engine.lookup import sha256_hex
+        from cocon.oci.digest import sha256_hex
 
         d = os.path.join(self.e.run_dir, "seccomp")
         path = os.path.join(d, sha256_hex(data) + ".json")
@@ -539,11 +528,6 @@ class Containers:
         return handle.pty
 
     def _config_blob(self, image_id: str) -> bytes:
-        from cocon.engine.lookup import image_info
-
-        info = image_info(self.e.root, image_id)
-        if info is not None:
-            return info.config_blob
         try:
             return self.e.images.content.read(image_id)
         except Exception as exc:
@@ -552,32 +536,16 @@ class Containers:
             ) from None
 
     def _mount(self, rec: InstanceRecord) -> str:
-        from cocon.engine import rootfs
-
-        if self._lean_snapshot(rec):
-            try:
-                return rootfs.mount(
-                    self.e.snapshot_root,
-                    rec.snapshot,
-                    rec.config["ChainIDs"],
-                    volatile=bool(rec.config.get("AutoRemove")),
-                )
-            except rootfs.RootfsError as exc:
-                raise StartFailed(str(exc)) from None
-        from cocon.snapshots import SnapshotError
+        from cocon.snapshots.errors import SnapshotError
 
         try:
-            return self.e.snapshotter.mount(rec.snapshot)
+            # a container removed when it exits needs no sync of its upper dir at unmount (volatile)
+            return self.e.snapshotter.mount(rec.snapshot, volatile=bool(rec.config.get("AutoRemove")))
         except SnapshotError as exc:
             raise StartFailed(str(exc)) from None
 
     def _unmount(self, rec: InstanceRecord) -> None:
-        from cocon.engine import rootfs
-
-        if self._lean_snapshot(rec):
-            rootfs.unmount(self.e.snapshot_root, rec.snapshot)
-        else:
-            self.e.snapshotter.unmount(rec.snapshot)
+        self.e.snapshotter.unmount(rec.snapshot)
 
     def _populate_volumes(self, rec: InstanceRecord, rootfs: str) -> None:
         from cocon.storage.volumes import VolumeError
@@ -727,7 +695,6 @@ class Containers:
         return rec.id
 
     def _remove_all(self, rec: InstanceRecord, *, volumes: bool) -> None:
-        from cocon.engine import rootfs
         from cocon.storage.volumes import VolumeError
 
         driver = self.e.driver(rec.isolation)
@@ -736,10 +703,7 @@ class Containers:
         except Exception as exc:
             raise EngineError(f"cannot remove container {rec.name}: {exc}") from None
         try:
-            if self._lean_snapshot(rec):
-                rootfs.remove(self.e.snapshot_root, rec.snapshot)
-            else:
-                self.e.snapshotter.remove(rec.snapshot)
+            self.e.snapshotter.remove(rec.snapshot)
         except Exception as exc:
             raise EngineError(f"cannot remove container {rec.name}: {exc}") from None
         _remove_dir(self._state_dir(rec.id))

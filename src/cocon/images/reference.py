@@ -11,26 +11,120 @@ form back. cocon never contacts that registry: the name is only an identity for 
 
 from __future__ import annotations
 
-import re
-
 DEFAULT_DOMAIN = "docker.io"
 LEGACY_DOMAIN = "index.docker.io"
 OFFICIAL_REPO_PREFIX = "library/"
 DEFAULT_TAG = "latest"
-
-_ALNUM = r"[a-z0-9]+"
-_SEPARATOR = r"(?:[._]|__|[-]+)"
-_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
-_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|{_IPV6})(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
-_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
-_REFERENCE = re.compile(
-    rf"^(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
-    rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$"
-)
 _NAME_MAX = 255
+_TAG_MAX = 128
+
+# The grammar, checked by hand below rather than with a regular expression: `re` (and compiling the
+# pattern) costs more than `cocon run` spends on everything else before it starts the container.
+#   name       [domain "/"] component ("/" component)*
+#   domain     (label ("." label)* | "[" [a-fA-F0-9:]+ "]") [":" [0-9]+]
+#   label      [a-zA-Z0-9] | [a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]
+#   component  [a-z0-9]+ (("." | "_" | "__" | "-"+) [a-z0-9]+)*
+#   tag        [\w][\w.-]{0,127}      (\w as Python's: letters, digits, "_")
+#   digest     [A-Za-z][A-Za-z0-9]* ([-_+.][A-Za-z][A-Za-z0-9]*)* ":" [0-9a-fA-F]{32,}
+_DIGITS = frozenset("0123456789")
+_LOWER_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_ALPHA = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_ALNUM = _ALPHA | _DIGITS
+_LABEL_CHARS = _ALNUM | {"-"}
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_DIGEST_SEPARATORS = frozenset("-_+.")
+
+
+def _is_component(part: str) -> bool:
+    if _LOWER_ALNUM.issuperset(part):
+        return bool(part)
+    if part[0] not in _LOWER_ALNUM or part[-1] not in _LOWER_ALNUM:
+        return False
+    i, n = 0, len(part)
+    while i < n:
+        if part[i] in _LOWER_ALNUM:
+            i += 1
+            continue
+        j = i
+        while part[j] not in _LOWER_ALNUM:  # ends before the last character, which is alphanumeric
+            j += 1
+        separator = part[i:j]
+        if separator not in (".", "_", "__") and separator.strip("-"):
+            return False
+        i = j
+    return True
+
+
+def _is_label(label: str) -> bool:
+    return bool(label) and label[0] in _ALNUM and label[-1] in _ALNUM and _LABEL_CHARS.issuperset(label)
+
+
+def _is_domain(domain: str) -> bool:
+    if domain.startswith("["):
+        address, bracket, port = domain[1:].partition("]")
+        if not bracket or not address or not _IPV6_CHARS.issuperset(address):
+            return False
+        if not port:
+            return True
+        if port[0] != ":":
+            return False
+        colon, digits = ":", port[1:]
+    else:
+        host, colon, digits = domain.partition(":")
+        if not all(_is_label(label) for label in host.split(".")):
+            return False
+    return not colon or (bool(digits) and _DIGITS.issuperset(digits))
+
+
+def _is_name(name: str) -> bool:
+    components = name.split("/")
+    if all(_is_component(c) for c in components[1:]):
+        return _is_component(components[0]) or (len(components) > 1 and _is_domain(components[0]))
+    return False
+
+
+def _is_tag_char(c: str) -> bool:
+    return c.isalnum() or c in "_.-"
+
+
+def _is_tag(tag: str) -> bool:
+    if not 0 < len(tag) <= _TAG_MAX or not (tag[0].isalnum() or tag[0] == "_"):
+        return False
+    return tag.isalnum() or all(_is_tag_char(c) for c in tag)
+
+
+def _is_digest(digest: str) -> bool:
+    algorithm, colon, encoded = digest.partition(":")
+    if not colon or len(encoded) < 32 or not _HEX.issuperset(encoded):
+        return False
+    start = True  # a component starts: a letter is needed
+    for c in algorithm:
+        if c in _ALPHA:
+            start = False
+        elif c in _DIGITS or c in _DIGEST_SEPARATORS:
+            if start:
+                return False
+            start = c in _DIGEST_SEPARATORS
+        else:
+            return False
+    return not start
+
+
+def _split(text: str) -> tuple[str, str | None, str | None] | None:
+    """(name, tag, digest) of `text` when it follows the grammar, else None."""
+    rest, at, digest = text.partition("@")
+    if at and not _is_digest(digest):
+        return None
+    tag: str | None = None
+    colon = rest.rfind(":")
+    if colon > rest.rfind("/"):  # after every "/": not a domain's port, so a tag
+        rest, tag = rest[:colon], rest[colon + 1 :]
+        if not _is_tag(tag):
+            return None
+    if not _is_name(rest):
+        return None
+    return rest, tag, digest if at else None
 
 
 class ReferenceError(ValueError):
@@ -53,27 +147,25 @@ class Reference:
         """Parse and normalize; without tag or digest the tag is `latest` (unless default_tag=False)."""
         if not text:
             raise ReferenceError("an image reference cannot be empty")
-        m = _REFERENCE.match(text)
-        if m is None:
-            if text.lower() != text and _REFERENCE.match(text.lower()):
+        parts = _split(text)
+        if parts is None:
+            if text.lower() != text and _split(text.lower()) is not None:
                 raise ReferenceError(f"invalid reference {text!r}: repository names must be lowercase")
             raise ReferenceError(
                 f"invalid reference {text!r}: use NAME[:TAG][@DIGEST], e.g. busybox:latest or "
                 "localhost:5000/team/app@sha256:<64 hex digits>"
             )
-        name = m.group("name")
+        name, tag, digest = parts
         if len(name) > _NAME_MAX:
             raise ReferenceError(
                 f"invalid reference {text!r}: the name is longer than {_NAME_MAX} characters"
             )
         domain, path = split_domain(name)
-        digest = m.group("digest")
         if digest is not None:
             algorithm, _, hexpart = digest.partition(":")
             if algorithm == "sha256" and len(hexpart) != 64:
                 raise ReferenceError(f"invalid reference {text!r}: a sha256 digest has 64 hex digits")
             digest = digest.lower() if algorithm == "sha256" else digest
-        tag = m.group("tag")
         if tag is None and digest is None and default_tag:
             tag = DEFAULT_TAG
         return cls(domain, path, tag, digest)
@@ -96,7 +188,7 @@ class Reference:
         return (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
 
     def with_tag(self, tag: str) -> Reference:
-        if not re.fullmatch(_TAG, tag):
+        if not _is_tag(tag):
             raise ReferenceError(f"invalid tag {tag!r}: use up to 128 letters, digits, '_', '.', '-'")
         return Reference(self.domain, self.path, tag, None)
 

@@ -17,13 +17,11 @@ The store does not know about containers: callers that must not remove an image 
 
 from __future__ import annotations
 
+import _sqlite3
 import builtins
-import contextlib
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
+from cocon._typing import TYPE_CHECKING, record
 from cocon.content import BlobNotFound, ContentStore
 from cocon.images.errors import ImageError
 from cocon.images.reference import Reference, ReferenceError
@@ -40,6 +38,10 @@ from cocon.oci.image_spec import (
     parse_image_config,
     parse_manifest,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from types import TracebackType
 
 DB_NAME = "images.db"
 
@@ -61,6 +63,24 @@ _SET_NAME = (
 )
 
 
+class _Transaction:
+    """`with store._transaction() as db:` one immediate transaction, rolled back on any exception."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: _sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> _sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
 class ImageNotFound(ImageError):
     """No image matches the reference or ID the user gave."""
 
@@ -73,7 +93,7 @@ class ImageCorrupt(ImageError):
     """A stored manifest or config is missing or does not parse: the image must be removed and re-made."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Image:
     """One stored image, with its parsed manifest and config."""
 
@@ -113,7 +133,7 @@ class Image:
         return [f"{r}@{self.manifest_digest}" for r in repos]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HistoryEntry:
     """One line of `cocon image history`: a build step, and the layer it made (if any)."""
 
@@ -153,15 +173,17 @@ class ImageStore:
         self.root = root
         self.content = content if content is not None else ContentStore(f"{root}/content")
         self._db_path = f"{root}/{DB_NAME}"
-        self._db: sqlite3.Connection | None = None
+        self._db: _sqlite3.Connection | None = None
 
     # --- database --------------------------------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> _sqlite3.Connection:
         if self._db is None:
             try:
-                db = sqlite3.connect(self._db_path, timeout=30, isolation_level=None, check_same_thread=False)
-            except sqlite3.Error as exc:
+                db = _sqlite3.connect(
+                    self._db_path, timeout=30, isolation_level=None, check_same_thread=False
+                )
+            except _sqlite3.Error as exc:
                 raise ImageError(f"cannot open the image database {self._db_path}: {exc}") from None
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -170,16 +192,8 @@ class ImageStore:
             self._db = db
         return self._db
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn())
 
     def close(self) -> None:
         if self._db is not None:

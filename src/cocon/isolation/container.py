@@ -2,14 +2,9 @@
 kernel, run by cocon's runtime (`cocon.runtime.container.Runtime`) in-process.
 
 The runtime config comes from `cocon.isolation.spec` (Docker's merge of image and `docker run`
-flags, Docker's capabilities, seccomp profile, masked and read-only paths, no_new_privs). Building it
-imports the typed OCI documents and the seccomp profile machinery, about 20 ms: more than the rest
-of a container's start. So the config is built once per image and set of run options and cached as a
-*template* (`<cache>/<key>.json`, in `$COCON_RUN`); each run fills in what differs between runs: the
-root path, the command (Docker's ENTRYPOINT/CMD merge), the hostname (and `HOSTNAME=` in the
-environment), the cgroup path, and the mounts added after Docker's defaults (volumes, binds, tmpfs).
-The key covers the image ID, every other option that shapes the config, and the size and mtime of the
-modules (and seccomp data) that build it, so a changed cocon never reuses an old template.
+flags, Docker's capabilities, seccomp profile, masked and read-only paths, no_new_privs), built for
+each instance: the root path, the command, the hostname, the cgroup path and the mounts after
+Docker's defaults (volumes, binds, tmpfs) come from the `InstanceConfig`.
 
 The runtime reads the config from `<state_dir>/config.json` (a bundle directory). It forks the
 container's init from this process: the init inherits the `Stdio` fds as its stdin/stdout/stderr
@@ -33,46 +28,6 @@ if TYPE_CHECKING:
     from cocon.isolation.base import InstanceConfig, Stdio
     from cocon.runtime.container import Runtime
 
-TEMPLATE_VERSION = 2
-HOSTNAME_PLACEHOLDER = "cocon-hostname-placeholder"
-ARGS_PLACEHOLDER = "cocon-args-placeholder"
-MAX_TEMPLATES = 256
-# The modules whose code decides what a template holds (relative to the cocon package).
-_SHAPING_FILES = (
-    "isolation/spec.py",
-    "isolation/container.py",
-    "oci/runtime_spec.py",
-    "oci/seccomp_profiles.py",
-    "oci/data/docker-default-seccomp.json",
-    "runtime/capabilities.py",
-)
-
-
-def process_args(image_config: bytes, process: dict[str, Any]) -> list[str]:
-    """The process's arguments: Docker's merge of ENTRYPOINT and CMD, the rule of
-    `cocon.isolation.spec.process_from_image` (a test checks they agree), without its imports."""
-    try:
-        doc = _fastjson.loads(image_config) if image_config else {}
-    except ValueError:
-        doc = {}
-    image = doc.get("config") if isinstance(doc, dict) else None
-    image = image if isinstance(image, dict) else {}
-    entrypoint = process.get("Entrypoint")
-    if entrypoint is None:
-        entrypoint = image.get("Entrypoint") or []
-    if process.get("Cmd"):
-        cmd = process["Cmd"]
-    elif process.get("Entrypoint") is not None:
-        cmd = []  # --entrypoint clears the image's CMD, as in Docker
-    else:
-        cmd = image.get("Cmd") or []
-    args = [*entrypoint, *cmd]
-    if not args:
-        raise IsolationError(
-            "no command to run: the image has no CMD or ENTRYPOINT; give a command after the image"
-        )
-    return [str(a) for a in args]
-
 
 def exit_code_for(message: str) -> int:
     """Docker's mapping of a start error to `docker run`'s exit status."""
@@ -84,14 +39,12 @@ def exit_code_for(message: str) -> int:
 
 
 class ContainerDriver:
-    """Containers on the host kernel. `runtime_root` holds the runtime's state (in `$COCON_RUN`),
-    `cache_dir` the config templates."""
+    """Containers on the host kernel; `runtime_root` holds the runtime's state (in `$COCON_RUN`)."""
 
     isolation = "container"
 
-    def __init__(self, runtime_root: str, cache_dir: str) -> None:
+    def __init__(self, runtime_root: str) -> None:
         self.runtime_root = runtime_root
-        self.cache_dir = cache_dir
         self._runtime: Runtime | None = None
         self._warm: Callable[[], None] | None = None
 
@@ -104,47 +57,8 @@ class ContainerDriver:
         return self._runtime
 
     # --- the runtime config ----------------------------------------------------------------------
-    def _template_key(self, cfg: InstanceConfig) -> str | None:
-        """The cache key of cfg's template, or None when it must not be cached (a seccomp profile file
-        whose content is read at build time is keyed by its size, mtime and inode)."""
-        import cocon
-
-        base = os.path.dirname(cocon.__file__)
-        stamp: list[object] = []
-        for rel in _SHAPING_FILES:
-            try:
-                st = os.stat(os.path.join(base, rel))
-            except OSError:
-                return None
-            stamp.append([rel, st.st_size, st.st_mtime_ns])
-        seccomp: list[object] = [cfg.seccomp]
-        if cfg.seccomp not in ("default", "unconfined"):
-            try:
-                st = os.stat(cfg.seccomp)
-            except OSError:
-                return None  # the slow path reports the error
-            seccomp += [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
-        doc = [
-            TEMPLATE_VERSION,
-            os.uname().machine,
-            stamp,
-            cfg.image_id,
-            {k: v for k, v in cfg.process.items() if k not in ("Cmd", "Entrypoint")},  # args are filled in
-            cfg.terminal,
-            cfg.read_only,
-            sorted(cfg.cap_add),
-            sorted(cfg.cap_drop),
-            seccomp,
-            cfg.memory,
-            cfg.memory_swap,
-            cfg.cpus,
-            cfg.pids_limit,
-            cfg.network,
-        ]
-        return _sha256_hex(_fastjson.dumps(doc).encode())
-
-    def _build_template(self, cfg: InstanceConfig) -> bytes:
-        """The runtime config for cfg with placeholders, from cocon.isolation.spec (the slow path)."""
+    def config_for(self, cfg: InstanceConfig) -> dict[str, Any]:
+        """The runtime config (runtime-spec JSON as a dict) of one instance."""
         from cocon.isolation.spec import (
             ContainerRequest,
             ProcessRequest,
@@ -154,7 +68,8 @@ class ContainerDriver:
         )
         from cocon.oci.errors import OCIError
         from cocon.oci.image_spec import parse_image_config
-        from cocon.oci.runtime_spec import encode_config
+        from cocon.oci.jsonobj import to_builtins
+        from cocon.oci.runtime_spec import Mount
 
         p = cfg.process
         try:
@@ -162,17 +77,26 @@ class ContainerDriver:
             proc = process_from_image(
                 image,
                 ProcessRequest(
-                    command=[ARGS_PLACEHOLDER],  # the template is shared by every command
-                    entrypoint=[],
+                    command=p.get("Cmd"),
+                    entrypoint=p.get("Entrypoint"),
                     env=list(p.get("Env") or []),
                     workdir=p.get("WorkingDir") or None,
                     user=p.get("User"),
                 ),
             )
             request = ContainerRequest(
-                hostname=HOSTNAME_PLACEHOLDER,
+                hostname=cfg.hostname,
                 terminal=cfg.terminal,
                 read_only=cfg.read_only,
+                mounts=[
+                    Mount(
+                        destination=m["destination"],
+                        type=m.get("type"),
+                        source=m.get("source"),
+                        options=m.get("options"),
+                    )
+                    for m in cfg.mounts
+                ],
                 cap_add=list(cfg.cap_add),
                 cap_drop=list(cfg.cap_drop),
                 seccomp=cfg.seccomp,
@@ -181,61 +105,13 @@ class ContainerDriver:
                 cpus=cfg.cpus,
                 pids_limit=cfg.pids_limit,
                 network=cfg.network,
+                cgroups_path=cfg.cgroups_path,
             )
-            return encode_config(container_spec(cfg.rootfs, proc, request))
+            doc: dict[str, Any] = to_builtins(container_spec(cfg.rootfs, proc, request))
         except SpecError as exc:
             raise IsolationError(str(exc)) from None
         except OCIError as exc:
             raise IsolationError(f"image {cfg.image_id}: {exc}") from None
-
-    def _template(self, cfg: InstanceConfig) -> dict[str, Any]:
-        key = self._template_key(cfg)
-        path = os.path.join(self.cache_dir, f"{key}.json") if key else None
-        if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    doc: dict[str, Any] = _fastjson.loads(f.read())
-                return doc
-            except (OSError, ValueError):
-                pass
-        data = self._build_template(cfg)
-        if path is not None:
-            self._store_template(path, data)
-        doc = _fastjson.loads(data)
-        return doc
-
-    def _store_template(self, path: str, data: bytes) -> None:
-        try:
-            os.makedirs(self.cache_dir, 0o700, exist_ok=True)
-            names = os.listdir(self.cache_dir)
-            if len(names) >= MAX_TEMPLATES:  # keep the cache small: drop the oldest half
-                aged = sorted(names, key=lambda n: _mtime(os.path.join(self.cache_dir, n)))
-                for n in aged[: len(aged) // 2]:
-                    try:
-                        os.unlink(os.path.join(self.cache_dir, n))
-                    except OSError:
-                        pass
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.rename(tmp, path)
-        except OSError:
-            pass  # a cache that cannot be written only costs speed
-
-    def config_for(self, cfg: InstanceConfig) -> dict[str, Any]:
-        """The runtime config (runtime-spec JSON as a dict) of one instance."""
-        doc = self._template(cfg)
-        doc["root"]["path"] = cfg.rootfs
-        if doc.get("hostname") == HOSTNAME_PLACEHOLDER:
-            doc["hostname"] = cfg.hostname
-        process = doc["process"]
-        process["args"] = process_args(cfg.image_config, cfg.process)
-        placeholder = f"HOSTNAME={HOSTNAME_PLACEHOLDER}"
-        process["env"] = [f"HOSTNAME={cfg.hostname}" if e == placeholder else e for e in process["env"]]
-        if cfg.mounts:
-            doc["mounts"] = [*doc.get("mounts", []), *cfg.mounts]
-        if cfg.cgroups_path:
-            doc["linux"]["cgroupsPath"] = cfg.cgroups_path
         return doc
 
     # --- life cycle ------------------------------------------------------------------------------
@@ -342,19 +218,6 @@ class ContainerDriver:
             return
         except RuntimeFailure as exc:
             raise IsolationError(str(exc)) from None
-
-
-def _sha256_hex(data: bytes) -> str:
-    import _sha256  # type: ignore[import-not-found]  # the C module: hashlib costs ~2 ms to import
-
-    return str(_sha256.sha256(data).hexdigest())
-
-
-def _mtime(path: str) -> int:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0
 
 
 def _redirect_stdio(stdio: Stdio) -> list[tuple[int, int]]:

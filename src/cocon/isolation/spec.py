@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass, field
 
 from cocon import _linux
+from cocon._typing import record
 from cocon.oci.image_spec import ContainerConfig
 from cocon.oci.runtime_spec import (
     CPU,
@@ -45,18 +45,47 @@ class SpecError(ValueError):
     """What the user asked for cannot be turned into a container (message says what to change)."""
 
 
-@dataclass
-class ProcessRequest:
+class _Fields:
+    """Equality and repr over `_FIELDS`, for the request classes below (which are plain classes
+    rather than dataclasses: `dataclasses` costs `cocon run` more than building the config does)."""
+
+    __slots__ = ()
+    _FIELDS: tuple[str, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as a dataclass without frozen=True
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._FIELDS)
+        return f"{type(self).__name__}({values})"
+
+
+class ProcessRequest(_Fields):
     """`docker run`-style overrides of the image's process settings (None: keep the image's)."""
 
-    command: list[str] | None = None  # CMD… after the image name
-    entrypoint: list[str] | None = None  # --entrypoint ([] clears it)
-    env: list[str] = field(default_factory=list)  # -e/--env-file, K=V
-    workdir: str | None = None  # -w
-    user: str | None = None  # -u
+    _FIELDS = ("command", "entrypoint", "env", "workdir", "user")
+    __slots__ = ("command", "entrypoint", "env", "user", "workdir")
+
+    def __init__(
+        self,
+        command: list[str] | None = None,  # CMD… after the image name
+        entrypoint: list[str] | None = None,  # --entrypoint ([] clears it)
+        env: list[str] | None = None,  # -e/--env-file, K=V
+        workdir: str | None = None,  # -w
+        user: str | None = None,  # -u
+    ) -> None:
+        self.command = command
+        self.entrypoint = entrypoint
+        self.env: list[str] = env if env is not None else []
+        self.workdir = workdir
+        self.user = user
 
 
-@dataclass
+@record
 class ResolvedProcess:
     args: list[str]
     env: list[str]
@@ -172,25 +201,48 @@ def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int], str]:
 # --- the runtime config ----------------------------------------------------------------------------
 
 
-@dataclass
-class ContainerRequest:
+class ContainerRequest(_Fields):
     """Everything about the container except its process: what `cocon run` flags set."""
 
-    hostname: str = "cocon"
-    terminal: bool = False
-    read_only: bool = False
-    mounts: list[Mount] = field(default_factory=list)  # volumes, binds, tmpfs (after the defaults)
-    cap_add: list[str] = field(default_factory=list)
-    cap_drop: list[str] = field(default_factory=list)
-    seccomp: str = "default"  # "default", "unconfined", or a path to a Docker-format profile
-    memory: int | None = None  # bytes
-    memory_swap: int | None = None  # bytes of memory + swap (-1: unlimited)
-    cpus: float | None = None
-    pids_limit: int | None = None
-    network: str = "none"  # "none" (own empty netns), "host", or a path to a netns to join
-    cgroups_path: str | None = None
-    rlimits: list[Rlimit] | None = None
-    sysctl: dict[str, str] = field(default_factory=dict)
+    _FIELDS = (
+        "hostname", "terminal", "read_only", "mounts", "cap_add", "cap_drop", "seccomp", "memory",
+        "memory_swap", "cpus", "pids_limit", "network", "cgroups_path", "rlimits", "sysctl",
+    )  # fmt: skip
+    __slots__ = _FIELDS
+
+    def __init__(
+        self,
+        hostname: str = "cocon",
+        terminal: bool = False,
+        read_only: bool = False,
+        mounts: list[Mount] | None = None,  # volumes, binds, tmpfs (after the defaults)
+        cap_add: list[str] | None = None,
+        cap_drop: list[str] | None = None,
+        seccomp: str = "default",  # "default", "unconfined", or a path to a Docker-format profile
+        memory: int | None = None,  # bytes
+        memory_swap: int | None = None,  # bytes of memory + swap (-1: unlimited)
+        cpus: float | None = None,
+        pids_limit: int | None = None,
+        network: str = "none",  # "none" (own empty netns), "host", or a path to a netns to join
+        cgroups_path: str | None = None,
+        rlimits: list[Rlimit] | None = None,
+        sysctl: dict[str, str] | None = None,
+    ) -> None:
+        self.hostname = hostname
+        self.terminal = terminal
+        self.read_only = read_only
+        self.mounts: list[Mount] = mounts if mounts is not None else []
+        self.cap_add: list[str] = cap_add if cap_add is not None else []
+        self.cap_drop: list[str] = cap_drop if cap_drop is not None else []
+        self.seccomp = seccomp
+        self.memory = memory
+        self.memory_swap = memory_swap
+        self.cpus = cpus
+        self.pids_limit = pids_limit
+        self.network = network
+        self.cgroups_path = cgroups_path
+        self.rlimits = rlimits
+        self.sysctl: dict[str, str] = sysctl if sysctl is not None else {}
 
 
 def _capability_set(cap_add: list[str], cap_drop: list[str]) -> list[str]:

@@ -7,20 +7,49 @@ cocon accepts the two registered algorithms Python's hashlib provides, `sha256` 
 
 from __future__ import annotations
 
-import hashlib
-import re
-
 from cocon._typing import TYPE_CHECKING
 from cocon.oci.errors import OCIError
 
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["ALGORITHMS", "Digest", "DigestError", "Hasher", "as_digest", "digest_of", "sha256_of"]
+__all__ = [
+    "ALGORITHMS",
+    "Digest",
+    "DigestError",
+    "Hasher",
+    "as_digest",
+    "digest_of",
+    "is_lower_hex",
+    "sha256_hex",
+    "sha256_of",
+]
 
 ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}  # algorithm -> length of its hex part
-_ALGORITHM_GRAMMAR = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")
-_LOWER_HEX = re.compile(r"[0-9a-f]*")
+_LOWER_HEX = "0123456789abcdef"
+_ALGORITHM_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_ALGORITHM_SEPARATORS = frozenset("+._-")
+# Below this size sha256_hex hashes with the interpreter's own C module; above it with OpenSSL's
+# (faster per byte, but `hashlib` costs ~2 ms to import: more than hashing a small document).
+_SMALL = 1 << 16
+
+
+def is_lower_hex(text: str) -> bool:
+    """True when `text` has only the digits 0-9 and a-f (an empty string too)."""
+    return not text.strip(_LOWER_HEX)
+
+
+def _algorithm_ok(algorithm: str) -> bool:
+    """The image-spec grammar `[a-z0-9]+([+._-][a-z0-9]+)*`."""
+    previous_separator = True  # no separator first
+    for c in algorithm:
+        if c in _ALGORITHM_CHARS:
+            previous_separator = False
+        elif c in _ALGORITHM_SEPARATORS and not previous_separator:
+            previous_separator = True
+        else:
+            return False
+    return not previous_separator  # nor last (and not empty)
 
 
 class DigestError(OCIError):
@@ -29,13 +58,13 @@ class DigestError(OCIError):
 
 def _check(algorithm: str, encoded: str, text: str) -> None:
     if algorithm not in ALGORITHMS:
-        if not _ALGORITHM_GRAMMAR.fullmatch(algorithm):
+        if not _algorithm_ok(algorithm):
             raise DigestError(f"{text!r} is not a digest: the algorithm {algorithm!r} is malformed")
         supported = ", ".join(ALGORITHMS)
         raise DigestError(f"{text!r}: unsupported digest algorithm {algorithm!r} (supported: {supported})")
     want = ALGORITHMS[algorithm]
-    if not _LOWER_HEX.fullmatch(encoded):
-        bad = next(c for c in encoded if c not in "0123456789abcdef")
+    if not is_lower_hex(encoded):
+        bad = next(c for c in encoded if c not in _LOWER_HEX)
         hint = " (hex digits must be lowercase)" if bad in "ABCDEF" else ""
         raise DigestError(f"{text!r} is not a valid {algorithm} digest: {bad!r} is not a hex digit{hint}")
     if len(encoded) != want:
@@ -127,6 +156,8 @@ class Hasher:
         if algorithm not in ALGORITHMS:
             supported = ", ".join(ALGORITHMS)
             raise DigestError(f"unsupported digest algorithm {algorithm!r} (cocon supports {supported})")
+        import hashlib  # here, not at import: see _SMALL
+
         self._algorithm = algorithm
         self._hash = hashlib.new(algorithm)
         self._size = 0
@@ -155,5 +186,19 @@ def digest_of(data: bytes | bytearray | memoryview, algorithm: str = "sha256") -
     return h.digest()
 
 
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """The sha256 of `data` as 64 lowercase hex digits."""
+    if memoryview(data).nbytes <= _SMALL:
+        try:
+            import _sha256  # type: ignore[import-not-found]  # CPython's own C module: no OpenSSL to load
+        except ImportError:  # pragma: no cover - an interpreter built without it
+            pass
+        else:
+            return str(_sha256.sha256(data).hexdigest())
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_of(data: bytes | bytearray | memoryview) -> Digest:
-    return Digest("sha256", hashlib.sha256(data).hexdigest())
+    return Digest("sha256", sha256_hex(data))

@@ -22,7 +22,6 @@ escaped), so a compact OCI document written by containerd, buildkit or skopeo ro
 from __future__ import annotations
 
 import os as _os
-import re
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING
@@ -225,8 +224,33 @@ class ImageConfig:
 
 # --- parsing and validation ----------------------------------------------------------------------------
 
-_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
-_PORT = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?(?:/(tcp|udp|sctp))?")
+_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_MEDIA_TYPE_CHARS = _ALNUM | frozenset("!#$&^_.+-")
+_DIGITS = frozenset("0123456789")
+
+
+def _is_media_type_part(part: str) -> bool:
+    """RFC 6838's restricted name: `[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}`."""
+    return 0 < len(part) <= 127 and part[0] in _ALNUM and _MEDIA_TYPE_CHARS.issuperset(part)
+
+
+def is_media_type(value: str) -> bool:
+    """`type/subtype`, each an RFC 6838 restricted name (no parameters)."""
+    kind, sep, subtype = value.partition("/")
+    return bool(sep) and _is_media_type_part(kind) and _is_media_type_part(subtype)
+
+
+def _port_number(text: str) -> bool:
+    return 0 < len(text) <= 5 and _DIGITS.issuperset(text) and 0 < int(text) < 65536
+
+
+def is_exposed_port(key: str) -> bool:
+    """An ExposedPorts key: `PORT[-PORT][/tcp|/udp|/sctp]`, ports 1 to 65535."""
+    ports, sep, proto = key.partition("/")
+    if sep and proto not in ("tcp", "udp", "sctp"):
+        return False
+    low, sep, high = ports.partition("-")
+    return _port_number(low) and (not sep or _port_number(high))
 
 
 def _fail(source: str, where: str, problem: str) -> ImageSpecError:
@@ -255,7 +279,7 @@ def _decode(data: bytes | str, cls: type[Any], source: str) -> Any:
 
 
 def _check_media_type(value: str, source: str, where: str) -> None:
-    if not _MEDIA_TYPE.fullmatch(value):
+    if not is_media_type(value):
         raise _fail(source, where, f"{value!r} is not a media type (type/subtype, e.g. {OCI_MANIFEST!r})")
 
 
@@ -362,8 +386,7 @@ def validate_image_config(c: ImageConfig, source: str = "image config") -> None:
     if cc is None:
         return
     for port in cc.exposed_ports or {}:
-        m = _PORT.fullmatch(port)
-        if m is None or not all(0 < int(p) < 65536 for p in m.group(1, 2) if p is not None):
+        if not is_exposed_port(port):
             raise _fail(source, f"config.ExposedPorts.{port}", "is not a port like '80/tcp' or '53/udp'")
     for i, e in enumerate(cc.env or ()):
         if not e or e.startswith("="):
@@ -552,7 +575,8 @@ def normalize_platform(os: str, architecture: str, variant: str | None = None) -
 
 
 def _variant_number(variant: str) -> int | None:
-    return int(variant[1:]) if re.fullmatch(r"v[0-9]+", variant) else None
+    digits = variant[1:]
+    return int(digits) if variant[:1] == "v" and digits and _DIGITS.issuperset(digits) else None
 
 
 def _compatible_variants(arch: str, variant: str) -> list[str]:

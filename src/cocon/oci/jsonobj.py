@@ -4,8 +4,11 @@ JSON with errors that give the JSON path, encoded back with default values left 
 Why not msgspec here: `cocon-runtime create` runs once per container, and importing msgspec (with
 typing, inspect, dataclasses behind it) costs more than decoding a config.json takes. This module
 uses only the interpreter and the C-accelerated `json`. Type checkers see each class as a keyword-only
-dataclass (the `TYPE_CHECKING` branch); at run time `json_object` reads the class's annotations (strings,
-thanks to `from __future__ import annotations`) into a small decoding table.
+dataclass (the `TYPE_CHECKING` branch); at run time the class's annotations (strings, thanks to
+`from __future__ import annotations`) are read into a small decoding table when the class is first
+used (constructed or decoded), so that importing a module of many classes costs little. Decoding
+takes a list or map of scalars whose items all have the right type as it is, without a JSON path per
+item (the path is only worked out for an error).
 
 Supported annotations: str, int, bool, float, object, a json_object class, `list[T]`, `dict[str, T]`,
 and `T | None`. JSON names are the camelCase of the attribute, or `field(metadata={"json": NAME})`.
@@ -14,6 +17,7 @@ and `T | None`. JSON names are the camelCase of the attribute, or `field(metadat
 from __future__ import annotations
 
 import sys
+from _thread import allocate_lock
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING
@@ -29,7 +33,7 @@ _MISSING: Any = object()
 
 
 class _Field:
-    __slots__ = ("attr", "default", "factory", "json_name", "kind")
+    __slots__ = ("attr", "default", "factory", "fast", "json_name", "kind")
 
     def __init__(self, attr: str, json_name: str, kind: Any, default: Any, factory: Any) -> None:
         self.attr = attr
@@ -37,6 +41,8 @@ class _Field:
         self.kind = kind
         self.default = default
         self.factory = factory
+        # the exact JSON types a value may have to be taken as it is (None: call _convert)
+        self.fast: frozenset[type] | None = _fast_types(kind)
 
 
 class _FieldSpec:
@@ -64,8 +70,15 @@ else:
         return _FieldSpec(default, default_factory, metadata)
 
     def json_object(*, omit_defaults: bool = True) -> Any:
-        def wrap(cls: type) -> type:
-            _register(cls, omit_defaults)
+        def wrap(cls: Any) -> Any:
+            # The decoding table is made on first use (_fields): a module of many classes (the runtime
+            # config's) costs less to import, and classes a program never uses cost nothing more.
+            cls._json_fields = None
+            cls._json_omit_defaults = omit_defaults
+            cls.__init__ = _init
+            cls.__eq__ = _eq
+            cls.__repr__ = _repr
+            cls.__hash__ = None
             return cls
 
         return wrap
@@ -79,6 +92,22 @@ def _camel(name: str) -> str:
 _SCALARS: dict[str, tuple[type, ...]] = {
     "str": (str,), "int": (int,), "bool": (bool,), "float": (int, float), "object": (object,),
 }  # fmt: skip
+# What the decoder produces for each scalar kind, by exact type: checked with one set lookup per value
+# (bool is not an int here, as in _convert). "object" takes anything and has no entry.
+_EXACT: dict[str, frozenset[type]] = {
+    "str": frozenset({str}), "int": frozenset({int}), "bool": frozenset({bool}),
+    "float": frozenset({int, float}),
+}  # fmt: skip
+_NONE_TYPE = type(None)
+
+
+def _fast_types(kind: Any) -> frozenset[type] | None:
+    tag, arg = kind
+    if tag == "scalar":
+        return _EXACT.get(arg)
+    if tag == "optional" and arg[0] == "scalar" and arg[1] in _EXACT:
+        return _EXACT[arg[1]] | {_NONE_TYPE}
+    return None
 
 
 def _parse_kind(text: str) -> Any:
@@ -95,7 +124,23 @@ def _parse_kind(text: str) -> Any:
     return ("obj", text)  # resolved lazily: classes may refer to ones defined later
 
 
-def _register(cls: Any, omit_defaults: bool) -> None:
+_register_lock = allocate_lock()
+
+
+def _fields(cls: Any) -> tuple[_Field, ...]:
+    """The class's fields, reading its annotations the first time (under a lock: the class
+    attributes that hold defaults are removed while reading them)."""
+    fields: tuple[_Field, ...] | None = cls._json_fields
+    if fields is None:
+        owner = next(c for c in cls.__mro__ if "_json_fields" in c.__dict__)
+        with _register_lock:
+            fields = owner._json_fields
+            if fields is None:
+                fields = _register(owner)
+    return fields
+
+
+def _register(cls: Any) -> tuple[_Field, ...]:
     module = sys.modules[cls.__module__]
     fields = []
     for attr, annotation in cls.__dict__.get("__annotations__", {}).items():  # noqa: RUF063
@@ -109,17 +154,13 @@ def _register(cls: Any, omit_defaults: bool) -> None:
         if attr in cls.__dict__:
             delattr(cls, attr)
         fields.append(_Field(attr, json_name, _parse_kind(annotation), default, factory))
-    cls._json_fields = tuple(fields)
-    cls._json_omit_defaults = omit_defaults
     cls._json_module = module
-    cls.__init__ = _init
-    cls.__eq__ = _eq
-    cls.__repr__ = _repr
-    cls.__hash__ = None
+    cls._json_fields = table = tuple(fields)
+    return table
 
 
 def _init(self: Any, **kwargs: Any) -> None:
-    for f in self._json_fields:
+    for f in _fields(type(self)):
         if f.attr in kwargs:
             value = kwargs.pop(f.attr)
         elif f.factory is not _MISSING:
@@ -172,10 +213,16 @@ def _convert(kind: Any, value: Any, path: str, module: Any) -> Any:
     if tag == "list":
         if not isinstance(value, list):
             raise _type_error("array", value, path)
+        exact = _EXACT.get(arg[1]) if arg[0] == "scalar" else None
+        if exact is not None and all(type(item) in exact for item in value):
+            return list(value)  # the common case, without a path string per item
         return [_convert(arg, item, f"{path}[{i}]", module) for i, item in enumerate(value)]
     if tag == "dict":
         if not isinstance(value, dict):
             raise _type_error("object", value, path)
+        exact = _EXACT.get(arg[1]) if arg[0] == "scalar" else None
+        if exact is not None and all(type(v) in exact for v in value.values()):
+            return dict(value)
         return {k: _convert(arg, v, f"{path}.{k}", module) for k, v in value.items()}
     cls = getattr(module, arg)
     return _from_dict(cls, value, path)
@@ -185,10 +232,15 @@ def _from_dict(cls: Any, value: Any, path: str) -> Any:
     if not isinstance(value, dict):
         raise _type_error("object", value, path)
     obj = object.__new__(cls)
+    fields = _fields(cls)
     module = cls._json_module
-    for f in cls._json_fields:
+    for f in fields:
         if f.json_name in value:
-            converted = _convert(f.kind, value[f.json_name], f"{path}.{f.json_name}", module)
+            raw = value[f.json_name]
+            if f.fast is not None and type(raw) in f.fast:
+                converted = raw
+            else:
+                converted = _convert(f.kind, raw, f"{path}.{f.json_name}", module)
         elif f.factory is not _MISSING:
             converted = f.factory()
         elif f.default is not _MISSING:

@@ -28,9 +28,8 @@ on first use.
 from __future__ import annotations
 
 import os
-import re
-from typing import TYPE_CHECKING
 
+from cocon._typing import TYPE_CHECKING
 from cocon.oci.errors import ConfigError
 from cocon.oci.jsonobj import DecodeError, decode, json_object
 from cocon.oci.runtime_spec import Seccomp, SeccompArg, SeccompSyscall
@@ -203,11 +202,21 @@ def native_arch(arch: str) -> str:
         ) from None
 
 
+def _leading_digits(text: str) -> str:
+    """The decimal digits `text` starts with (as the regular expression `\\d+` matches them)."""
+    end = 0
+    while end < len(text) and text[end].isdecimal():
+        end += 1
+    return text[:end]
+
+
 def _parse_kernel(text: str, what: str) -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", text)
-    if m is None:
+    """`5.10.0-26-amd64` -> (5, 10): the leading `<kernel>.<major>` of a version."""
+    kernel = _leading_digits(text)
+    major = _leading_digits(text[len(kernel) + 1 :]) if text[len(kernel) : len(kernel) + 1] == "." else ""
+    if not kernel or not major:
         raise ConfigError(f'{what}: cannot read a kernel version from {text!r}; expected "<kernel>.<major>"')
-    return int(m.group(1)), int(m.group(2))
+    return int(kernel), int(major)
 
 
 def _default_profile_data() -> DockerProfile:

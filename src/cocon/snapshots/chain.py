@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Sequence
-
+from cocon._typing import TYPE_CHECKING
+from cocon.oci.digest import is_lower_hex, sha256_hex
 from cocon.snapshots.errors import SnapshotError
 
-_DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+
+
+def is_digest(value: object) -> bool:
+    """True for a canonical sha256/sha512 digest: `sha256:` and 64 lowercase hex digits (or `sha512:`
+    and 128)."""
+    if not isinstance(value, str):
+        return False
+    algorithm, colon, encoded = value.partition(":")
+    return bool(colon) and len(encoded) == _HEX_LENGTHS.get(algorithm) and is_lower_hex(encoded)
 
 
 def validate_digest(value: str, what: str = "digest") -> str:
     """Return `value` if it is a canonical sha256/sha512 digest (`algo:lowercase-hex`), else raise."""
-    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+    if not is_digest(value):
         raise SnapshotError(
             f"invalid {what} {value!r}: expected 'sha256:' and 64 lowercase hex digits (or 'sha512:' and 128)"
         )
@@ -38,5 +48,5 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
         if not chain:
             chain.append(diff_id)
         else:
-            chain.append("sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest())
+            chain.append("sha256:" + sha256_hex(f"{chain[-1]} {diff_id}".encode()))
     return chain

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
-import re
-from dataclasses import dataclass
 
 from cocon import _linux as linux
+from cocon._typing import record
 from cocon.snapshots.errors import SnapshotError, errtext
 
 MOUNTINFO = "/proc/self/mountinfo"
-_OCTAL = re.compile(rb"\\([0-7]{3})")
+_OCTAL_DIGITS = b"01234567"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MountEntry:
     """One line of mountinfo (proc(5)), the fields the snapshotter needs."""
 
@@ -28,7 +27,40 @@ class MountEntry:
 
 def _unescape(field: bytes) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
-    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+    if b"\\" not in field:
+        return os.fsdecode(field)
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        code = field[i + 1 : i + 4]
+        if field[i] == 0x5C and len(code) == 3 and all(c in _OCTAL_DIGITS for c in code):
+            out.append(int(code, 8) & 0xFF)
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def _escape(path: str) -> bytes:
+    """A path as mountinfo writes it (the inverse of _unescape for the characters the kernel escapes)."""
+    raw = os.fsencode(path)
+    if b"\\" in raw:
+        raw = raw.replace(b"\\", b"\\134")
+    return raw.replace(b" ", b"\\040").replace(b"\t", b"\\011").replace(b"\n", b"\\012")
+
+
+def _mount_points() -> list[bytes]:
+    """The mount point field of every line of mountinfo, still escaped (cheaper than read_mountinfo
+    for the questions below, which `cocon run` asks several times)."""
+    with open(MOUNTINFO, "rb") as f:
+        data = f.read()
+    points = []
+    for line in data.splitlines():
+        fields = line.split(b" ", 5)
+        if len(fields) > 4:
+            points.append(fields[4])
+    return points
 
 
 def read_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
@@ -56,17 +88,14 @@ def read_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
 
 def is_mountpoint(path: str) -> bool:
     """True when something is mounted exactly at `path` (compared after resolving symlinks)."""
-    real = os.path.realpath(path)
-    return any(e.mount_point == real for e in read_mountinfo())
+    return _escape(os.path.realpath(path)) in _mount_points()
 
 
 def mounts_under(path: str) -> list[str]:
     """Mount points at or below `path`, deepest first (the order to unmount them in)."""
-    real = os.path.realpath(path)
-    prefix = real.rstrip("/") + "/"
-    found = {
-        e.mount_point for e in read_mountinfo() if e.mount_point == real or e.mount_point.startswith(prefix)
-    }
+    real = _escape(os.path.realpath(path))
+    prefix = real.rstrip(b"/") + b"/"
+    found = {_unescape(p) for p in _mount_points() if p == real or p.startswith(prefix)}
     return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
 
 
@@ -125,24 +154,25 @@ def unmount_all(path: str, *, what: str = "mount") -> None:
 
     A plain umount first; MNT_DETACH only when the mount is busy (open files, a process's cwd), so a
     lazy unmount is never the first resort and a later rmdir of the mount point cannot reach into a
-    still-attached filesystem.
+    still-attached filesystem. umount(2) itself says when nothing (more) is mounted there (EINVAL),
+    so mountinfo is read only to tell "not mounted" from "not allowed" for an unprivileged caller.
     """
     for _ in range(64):
-        if not is_mountpoint(path):
-            return
         try:
             linux.umount2(path, 0)
         except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):
+                return  # not a mount point (any more), or no such path
             if e.errno == errno.EBUSY:
                 try:
                     linux.umount2(path, linux.MNT_DETACH)
                 except OSError as e2:
                     raise SnapshotError(f"cannot detach {what} at {path}: {errtext(e2)}") from e2
-            elif e.errno in (errno.EINVAL, errno.ENOENT):
+                continue
+            if e.errno == errno.EPERM and not is_mountpoint(path):
                 return
-            else:
-                raise SnapshotError(
-                    f"cannot unmount {what} at {path}: {errtext(e)}"
-                    + (": unmounting needs CAP_SYS_ADMIN (run as root)" if e.errno == errno.EPERM else "")
-                ) from e
+            raise SnapshotError(
+                f"cannot unmount {what} at {path}: {errtext(e)}"
+                + (": unmounting needs CAP_SYS_ADMIN (run as root)" if e.errno == errno.EPERM else "")
+            ) from e
     raise SnapshotError(f"{what} at {path} is still mounted after 64 unmounts: check /proc/self/mountinfo")

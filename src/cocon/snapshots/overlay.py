@@ -18,22 +18,16 @@ snapshot exists with its record or not at all.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import errno
 import fcntl
-import json
 import os
-import re
-import shutil
 import stat
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from _thread import RLock
 
+from cocon import _fastjson
 from cocon import _linux as linux
+from cocon._typing import TYPE_CHECKING, record
 from cocon.snapshots.chain import digest_hex, validate_digest
 from cocon.snapshots.errors import SnapshotError, errtext
 from cocon.snapshots.mounts import is_mountpoint, mount_from, mounts_under, unmount_all
@@ -42,16 +36,25 @@ from cocon.snapshots.probe import (
     escape_option_path,
     overlay_feature_options,
     overlay_unsupported_reason,
+    overlay_volatile_supported,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from types import TracebackType
 
 RECORD = "snapshot.json"
 CHAINID_FILE = "chainid"
 SHORT_ID_LEN = 20  # base32 characters of the chain id's digest: 100 bits
-_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # RFC 4648's alphabet
+_KEY_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_KEY_CHARS = _KEY_FIRST | frozenset("_.+-")
 
 
 def validate_key(key: str) -> str:
-    if not isinstance(key, str) or not _KEY.fullmatch(key):
+    if not isinstance(key, str) or not (
+        0 < len(key) <= 128 and key[0] in _KEY_FIRST and _KEY_CHARS.issuperset(key)
+    ):
         raise SnapshotError(
             f"invalid snapshot key {key!r}: use 1 to 128 letters, digits, '_', '.', '+' or '-', "
             "starting with a letter or digit"
@@ -59,7 +62,7 @@ def validate_key(key: str) -> str:
     return key
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Snapshot:
     """An active snapshot: how to mount it and where.
 
@@ -85,7 +88,7 @@ class Snapshot:
         return (self.fstype, self.source, self.options)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Record:
     key: str
     parents: tuple[str, ...]
@@ -103,7 +106,7 @@ class OverlaySnapshotter:
                 os.makedirs(os.path.join(self.root, sub), 0o700, exist_ok=True)
         except OSError as e:
             raise SnapshotError(f"cannot create the snapshot root {root}: {errtext(e)}") from e
-        self._thread_lock = threading.RLock()
+        self._thread_lock = RLock()  # threading.RLock, without importing threading
         self._lock_fd = -1
         self._lock_depth = 0
 
@@ -117,8 +120,11 @@ class OverlaySnapshotter:
 
     @staticmethod
     def short_id(chain_id: str) -> str:
-        """The name of the layer's link in `<root>/l/`: 20 base32 characters of its digest."""
-        return base64.b32encode(bytes.fromhex(digest_hex(chain_id))).decode()[:SHORT_ID_LEN]
+        """The name of the layer's link in `<root>/l/`: the first 20 base32 characters (RFC 4648) of
+        its digest's bytes."""
+        hexpart = digest_hex(chain_id)
+        bits = int(hexpart[:26], 16) >> 4  # the first 104 bits, then the first 100
+        return "".join(_BASE32[(bits >> (5 * i)) & 31] for i in range(SHORT_ID_LEN - 1, -1, -1))
 
     def _link(self, chain_id: str) -> str:
         return os.path.join(self.root, "l", self.short_id(chain_id))
@@ -127,10 +133,13 @@ class OverlaySnapshotter:
         return os.path.join(self.root, "active", validate_key(key))
 
     # --- locking -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> _Locked:
         """Exclusive across processes (flock) and threads (RLock); re-entrant within a thread."""
-        with self._thread_lock:
+        return _Locked(self)
+
+    def _lock(self) -> None:
+        self._thread_lock.acquire()
+        try:
             if self._lock_depth == 0:
                 fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
@@ -140,22 +149,42 @@ class OverlaySnapshotter:
                     raise
                 self._lock_fd = fd
             self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
-                if self._lock_depth == 0:
-                    os.close(self._lock_fd)
-                    self._lock_fd = -1
+        except BaseException:
+            self._thread_lock.release()
+            raise
+
+    def _unlock(self) -> None:
+        try:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                fd, self._lock_fd = self._lock_fd, -1
+                os.close(fd)
+        finally:
+            self._thread_lock.release()
 
     def _make_temp(self, kind: str) -> str:
-        return tempfile.mkdtemp(prefix=f"{os.getpid()}-{kind}-", dir=os.path.join(self.root, "tmp"))
+        """A new empty directory `tmp/<pid>-<kind>-<random>` (mode 0700): the pid lets gc_layers
+        delete what a process that died left behind."""
+        base = os.path.join(self.root, "tmp")
+        for _ in range(100):
+            path = os.path.join(base, f"{os.getpid()}-{kind}-{os.urandom(6).hex()}")
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                continue
+            return path
+        raise FileExistsError(errno.EEXIST, "no free temporary name", base)
 
     def _trash(self, path: str) -> str:
         """Move `path` into tmp/ (atomically out of sight) and return its new name."""
-        target = self._make_temp("rm")
-        os.rename(path, target)  # replaces the empty directory mkdtemp made
-        return target
+        base = os.path.join(self.root, "tmp")
+        for _ in range(100):
+            target = os.path.join(base, f"{os.getpid()}-rm-{os.urandom(6).hex()}")
+            if os.path.lexists(target):
+                continue
+            os.rename(path, target)
+            return target
+        raise FileExistsError(errno.EEXIST, "no free temporary name", base)
 
     # --- layers --------------------------------------------------------------------------------
     def has_layer(self, chain_id: str) -> bool:
@@ -171,9 +200,11 @@ class OverlaySnapshotter:
                     chain_id = f.read().strip()
             except OSError:
                 chain_id = ("sha256:" if len(name) == 64 else "sha512:") + name
-            with contextlib.suppress(SnapshotError):
+            try:
                 if digest_hex(chain_id) == name:
                     found.append(chain_id)
+            except SnapshotError:
+                continue
         return sorted(found)
 
     def add_layer(self, chain_id: str, fill: Callable[[str], None], *, sync: bool = False) -> str:
@@ -233,8 +264,10 @@ class OverlaySnapshotter:
                 raise SnapshotError(f"{link} exists but is not a symlink: remove it") from e
             if current != target:
                 if not os.path.exists(link):  # dangling: its layer is gone, the name is free
-                    with contextlib.suppress(FileNotFoundError):
+                    try:
                         os.unlink(link)
+                    except FileNotFoundError:
+                        pass
                     self._ensure_link(chain_id)
                     return
                 raise SnapshotError(
@@ -267,9 +300,11 @@ class OverlaySnapshotter:
             except OSError as e:
                 raise SnapshotError(f"cannot remove layer {chain_id}: {errtext(e)}") from e
         link = self._link(chain_id)
-        with contextlib.suppress(OSError):
+        try:
             if os.readlink(link) == os.path.join("..", "layers", digest_hex(chain_id), "fs"):
                 os.unlink(link)
+        except OSError:
+            pass
         return trash
 
     def gc_layers(self, keep: Iterable[str]) -> list[str]:
@@ -293,8 +328,10 @@ class OverlaySnapshotter:
             for name in os.listdir(links):
                 path = os.path.join(links, name)
                 if os.path.islink(path) and not os.path.exists(path):
-                    with contextlib.suppress(OSError):
+                    try:
                         os.unlink(path)
+                    except OSError:
+                        pass
             tmp = os.path.join(self.root, "tmp")
             for name in os.listdir(tmp):
                 pid = name.split("-", 1)[0]
@@ -344,14 +381,15 @@ class OverlaySnapshotter:
                     os.mkdir(os.path.join(temp, name))
                     os.chmod(os.path.join(temp, name), mode)
                 with open(os.path.join(temp, RECORD), "w") as f:
-                    json.dump(
-                        {
-                            "key": key,
-                            "parents": list(parents),
-                            "readonly": readonly,
-                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        },
-                        f,
+                    f.write(
+                        _fastjson.dumps(
+                            {
+                                "key": key,
+                                "parents": list(parents),
+                                "readonly": readonly,
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            }
+                        )
                     )
                 os.rename(temp, active)
                 committed = True
@@ -365,8 +403,8 @@ class OverlaySnapshotter:
     def _read_record(self, key: str) -> _Record:
         path = os.path.join(self._active(key), RECORD)
         try:
-            with open(path) as f:
-                raw = json.load(f)
+            with open(path, "rb") as f:
+                raw = _fastjson.loads(f.read())
         except FileNotFoundError:
             raise SnapshotError(f"no active snapshot {key!r}: prepare it first") from None
         except (OSError, ValueError) as e:
@@ -442,12 +480,27 @@ class OverlaySnapshotter:
         base = os.path.join(self.root, "active")
         return sorted(n for n in os.listdir(base) if os.path.isfile(os.path.join(base, n, RECORD)))
 
-    def mount(self, key: str) -> str:
-        """Mount the snapshot at its merged dir (nothing to do if it is mounted); return that path."""
+    def mount(self, key: str, *, volatile: bool = False) -> str:
+        """Mount the snapshot at its merged dir (nothing to do if it is mounted); return that path.
+
+        `volatile` (overlay's option, Linux 5.10+; ignored where the kernel lacks it, and for bind
+        snapshots) is for a snapshot that is removed once its container exits (`--rm`): overlay
+        then skips syncing the upper filesystem, which otherwise happens at every unmount and
+        flushes everything dirty on the filesystem that holds it. After a crash such an upper dir
+        cannot be mounted again, which does not matter for a snapshot nobody mounts again."""
         with self._locked():
             snap = self.snapshot(key)
             if is_mountpoint(snap.path):
                 return snap.path
+            options = snap.options
+            if (
+                volatile
+                and snap.kind == "overlay"
+                and not snap.readonly
+                and overlay_volatile_supported()
+                and len(options.encode()) + len(",volatile") + 1 <= os.sysconf("SC_PAGE_SIZE")
+            ):
+                options += ",volatile"
             try:
                 if snap.kind == "bind":
                     linux.mount(snap.source, snap.path, None, linux.MS_BIND | linux.MS_REC)
@@ -467,9 +520,9 @@ class OverlaySnapshotter:
                     if snap.mount_cwd:
                         for p in snap.parents:  # repair links lost to a crash or a manual clean-up
                             self._ensure_link(p)
-                        mount_from(snap.mount_cwd, snap.source, snap.path, snap.fstype, flags, snap.options)
+                        mount_from(snap.mount_cwd, snap.source, snap.path, snap.fstype, flags, options)
                     else:
-                        linux.mount(snap.source, snap.path, snap.fstype, flags, snap.options)
+                        linux.mount(snap.source, snap.path, snap.fstype, flags, options)
             except OSError as e:
                 reason = None
                 if snap.kind == "overlay" and e.errno in (errno.EINVAL, errno.ENODEV, errno.EPERM):
@@ -506,7 +559,7 @@ class OverlaySnapshotter:
                 trash = self._trash(active)
             except OSError as e:
                 raise SnapshotError(f"cannot remove snapshot {key}: {errtext(e)}") from e
-        _rmtree(trash, f"snapshot {key}")
+        _rmtree(trash, f"snapshot {key}", checked=True)
 
     def upper_dir(self, key: str) -> str:
         """The snapshot's upper dir: what a build step changed (empty for read-only snapshots)."""
@@ -544,13 +597,64 @@ def _locked_flags(path: str) -> int:
     )
 
 
-def _rmtree(path: str, what: str) -> None:
-    if mounts_under(path):
+class _Locked:
+    """The `with` block of OverlaySnapshotter._locked()."""
+
+    __slots__ = ("_snapshotter",)
+
+    def __init__(self, snapshotter: OverlaySnapshotter) -> None:
+        self._snapshotter = snapshotter
+
+    def __enter__(self) -> None:
+        self._snapshotter._lock()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._snapshotter._unlock()
+
+
+def remove_tree(path: str) -> None:
+    """`rm -rf path` without following symlinks, depth-first without recursion (a layer may nest
+    directories deeper than Python's recursion limit). A missing path is not an error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    stack = [(path, False)]
+    while stack:
+        current, emptied = stack.pop()
+        if emptied:
+            try:
+                os.rmdir(current)
+            except FileNotFoundError:
+                pass
+            continue
+        stack.append((current, True))
+        try:
+            with os.scandir(current) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, False))
+                    else:
+                        try:
+                            os.unlink(entry.path)
+                        except FileNotFoundError:
+                            pass
+        except FileNotFoundError:
+            continue
+
+
+def _rmtree(path: str, what: str, *, checked: bool = False) -> None:
+    """Delete a directory moved into tmp/; refused while something is mounted under it (`checked`:
+    the caller has just made sure of that, under the lock, before moving it there)."""
+    if not checked and mounts_under(path):
         raise SnapshotError(f"not deleting {what} at {path}: something is mounted under it; unmount it first")
     try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
+        remove_tree(path)
     except OSError as e:
         raise SnapshotError(
             f"cannot delete {what} at {path}: {errtext(e)}; delete it by hand (gc_layers retries after this "

@@ -9,10 +9,7 @@ explanation when it does not.
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import shutil
-import tempfile
 
 from cocon import _linux as linux
 from cocon.snapshots.errors import SnapshotError, errtext
@@ -23,6 +20,7 @@ OVERLAY_PARAMETERS = "/sys/module/overlay/parameters"
 OVERLAY_MAX_STACK = 500  # the kernel's OVL_MAX_STACK: most lower layers one overlay mount may have
 
 _probe_cache: dict[str, str | None] = {}
+_feature_cache: dict[bool | None, tuple[str, ...]] = {}
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
@@ -33,7 +31,6 @@ def _kernel_at_least(major: int, minor: int) -> bool:
         return False
 
 
-@functools.cache
 def overlay_feature_options(userxattr: bool | None = None) -> tuple[str, ...]:
     """The feature options every overlay mount of the snapshotter carries.
 
@@ -50,8 +47,15 @@ def overlay_feature_options(userxattr: bool | None = None) -> tuple[str, ...]:
       because `trusted.*` is not available there).
 
     An option is only given when the kernel knows it (module parameter present, or a kernel new
-    enough: index 4.13, redirect_dir 4.10, metacopy 4.19, userxattr 5.11).
+    enough: index 4.13, redirect_dir 4.10, metacopy 4.19, userxattr 5.11). Worked out once per process.
     """
+    cached = _feature_cache.get(userxattr)
+    if cached is None:
+        cached = _feature_cache[userxattr] = _feature_options(userxattr)
+    return cached
+
+
+def _feature_options(userxattr: bool | None) -> tuple[str, ...]:
     if userxattr is None:
         userxattr = in_user_namespace()
     opts: list[str] = []
@@ -61,6 +65,11 @@ def overlay_feature_options(userxattr: bool | None = None) -> tuple[str, ...]:
     if userxattr and _kernel_at_least(5, 11):
         opts.append("userxattr")
     return tuple(opts)
+
+
+def overlay_volatile_supported() -> bool:
+    """Whether overlay knows the `volatile` mount option (Linux 5.10+)."""
+    return _kernel_at_least(5, 10)
 
 
 def escape_option_path(path: str) -> str:
@@ -109,6 +118,9 @@ def _explain(e: OSError, root: str, data: str) -> str:
 
 
 def _probe(root: str) -> str | None:
+    import shutil
+    import tempfile
+
     try:
         base = tempfile.mkdtemp(prefix=".overlay-probe-", dir=root)
     except OSError as e:
