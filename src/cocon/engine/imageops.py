@@ -26,7 +26,7 @@ from cocon.engine.errors import Conflict, EngineError, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import Any
+    from typing import IO, Any
 
     from cocon.engine.engine import Engine
     from cocon.images.store import Image
@@ -225,19 +225,22 @@ class ImageOps:
 
     def image_tag(self, source: str, target: str) -> None:
         from cocon.images.errors import ImageError
+        from cocon.images.reference import Reference, ReferenceError
         from cocon.images.store import ImageNotFound
 
         try:
-            self.e.images.tag(source, target)
+            image = self.e.images.tag(source, target)
         except ImageNotFound as exc:
             raise NotFound(str(exc)) from None
-        except ImageError as exc:
+        except (ImageError, ReferenceError) as exc:
             raise InvalidRequest(str(exc)) from None
+        self.e.emit("image", "tag", image.id, name=Reference.parse(target).familiar())
 
     def image_remove(self, ref: str, *, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
         from cocon.images.errors import ImageError
         from cocon.images.store import ImageInUse, ImageNotFound
 
+        image_id = self._resolve(ref).id
         try:
             done = self.e.images.remove(ref, force=force, in_use=self._in_use)
         except ImageNotFound as exc:
@@ -246,6 +249,11 @@ class ImageOps:
             raise Conflict(str(exc)) from None
         except ImageError as exc:
             raise EngineError(str(exc)) from None
+        for kind, value in done:
+            if kind == "Untagged":
+                self.e.emit("image", "untag", image_id, name=value)
+            else:
+                self.e.emit("image", "delete", value)
         if prune and any(kind == "Deleted" for kind, _ in done):
             self.gc()
         return [{kind: value} for kind, value in done]
@@ -258,9 +266,14 @@ class ImageOps:
         except ImageError as exc:
             raise EngineError(str(exc)) from None
         freed = self.gc()
+        for image_id in removed:
+            self.e.emit("image", "delete", image_id)
+        self.e.emit("image", "prune", "", reclaimed=str(freed))
         return {"ImagesDeleted": [{"Deleted": i} for i in removed] or None, "SpaceReclaimed": freed}
 
-    def _image_summary(self, image: Image) -> dict[str, Any]:
+    def _image_summary(self, image: Image, event: str | None = None) -> dict[str, Any]:
+        if event is not None:
+            self.e.emit("image", event, image.id, name=(image.repo_tags or [""])[0])
         return {"Id": image.id, "RepoTags": image.repo_tags}
 
     def image_import(
@@ -281,12 +294,12 @@ class ImageOps:
             )
         except ImageError as exc:
             raise InvalidRequest(str(exc)) from None
-        return self._image_summary(image)
+        return self._image_summary(image, "import")
 
     def image_save(
         self,
         refs: Sequence[str],
-        dest: str,
+        dest: str | IO[bytes],
         *,
         format: str = "oci-archive",
         progress: Callable[[str, int, int], None] | None = None,
@@ -301,6 +314,8 @@ class ImageOps:
             raise NotFound(str(exc)) from None
         except ImageError as exc:
             raise InvalidRequest(str(exc)) from None
+        for saved in result.images:
+            self.e.emit("image", "save", saved.id, name=(list(saved.names) or [""])[0])
         return {
             "Dest": result.dest,
             "Format": result.format,
@@ -318,7 +333,7 @@ class ImageOps:
             images = load(self.e.images, source, progress=progress)
         except ImageError as exc:
             raise InvalidRequest(str(exc)) from None
-        return [self._image_summary(i) for i in images]
+        return [self._image_summary(i, "load") for i in images]
 
     def image_bootstrap(
         self,
@@ -339,7 +354,7 @@ class ImageOps:
             image = bootstrap(self.e.images, what, **kw)
         except ImageError as exc:
             raise InvalidRequest(str(exc)) from None
-        return self._image_summary(image)
+        return self._image_summary(image, "import")
 
     def image_build(
         self,
@@ -386,6 +401,9 @@ class ImageOps:
         from cocon.images.reference import Reference
 
         names = [Reference.parse(n).familiar() for n in result.names]
+        self.e.emit("image", "build", result.image_id, name=(names or [""])[0])
+        for name in names:
+            self.e.emit("image", "tag", result.image_id, name=name)
         return {"Id": result.image_id, "RepoTags": names, "Warnings": list(result.warnings)}
 
     # --- volumes -----------------------------------------------------------------------------------
@@ -393,9 +411,11 @@ class ImageOps:
         from cocon.storage.volumes import VolumeError
 
         try:
-            vol, _ = self.e.volumes.create(name, labels=labels)
+            vol, new = self.e.volumes.create(name, labels=labels)
         except VolumeError as exc:
             raise InvalidRequest(str(exc)) from None
+        if new:
+            self.e.emit("volume", "create", vol.name, driver="local")
         return vol.to_docker()
 
     def volume_list(self) -> dict[str, Any]:
@@ -421,6 +441,7 @@ class ImageOps:
         from cocon.storage.volumes import VolumeError, VolumeInUse, VolumeNotFound
 
         try:
+            existed = self.e.volumes.exists(name)
             self.e.volumes.remove(name, force=force, in_use=self._volume_in_use)
         except VolumeNotFound as exc:
             raise NotFound(str(exc)) from None
@@ -428,6 +449,8 @@ class ImageOps:
             raise Conflict(str(exc)) from None
         except VolumeError as exc:
             raise InvalidRequest(str(exc)) from None
+        if existed:
+            self.e.emit("volume", "destroy", name, driver="local")
 
     def volume_prune(self, *, all: bool = False) -> dict[str, Any]:
         from cocon.storage.volumes import VolumeError
@@ -436,6 +459,9 @@ class ImageOps:
             removed = self.e.volumes.prune(all=all, in_use=self._volume_in_use)
         except VolumeError as exc:
             raise EngineError(str(exc)) from None
+        for name, _ in removed:
+            self.e.emit("volume", "destroy", name, driver="local")
+        self.e.emit("volume", "prune", "", reclaimed=str(sum(size for _, size in removed)))
         return {
             "VolumesDeleted": [name for name, _ in removed] or None,
             "SpaceReclaimed": sum(size for _, size in removed),

@@ -189,6 +189,8 @@ class _Peekable:
                 data, self._head = self._head + self._raw.read(), b""
                 return data
             data, self._head = self._head[:n], self._head[n:]
+            if len(data) < n:  # a full read, as readers such as tarfile.copyfileobj expect
+                data += self._raw.read(n - len(data))
             return data
         return self._raw.read(n)
 

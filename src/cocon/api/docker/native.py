@@ -1,0 +1,261 @@
+"""cocon's own routes, beside Docker's, under `/cocon/v1/` (no Docker version prefix):
+
+| route | what |
+|---|---|
+| `GET /cocon/v1/info` | cocon's view of the node: version, isolation levels, cgroup mode, roots |
+| `POST /cocon/v1/images/bootstrap?image=busybox` | make a base image on this machine, with progress |
+| `GET /cocon/v1/images/save?names=…&format=…` | save as OCI archive too (Docker's `get`: docker-archive) |
+| `GET /cocon/v1/openapi.json` | the OpenAPI 3 document of these routes (`OPENAPI` below) |
+
+The OpenAPI document is written by hand next to the handlers and checked by schemathesis against
+the running daemon (tests/integration/test_api_server.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from cocon.api.docker.common import (
+    API_VERSION,
+    MIN_API_VERSION,
+    JSONStream,
+    bad_request,
+    ctx_of,
+    json_response,
+    pump,
+    qlist,
+    qstr,
+)
+from cocon.engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from cocon.engine.engine import Engine
+
+SAVE_FORMATS = ("docker-archive", "oci-archive")
+
+
+def _info(engine: Engine, started: float) -> dict[str, Any]:
+    import os
+    import time
+
+    from cocon.api.docker.system import VERSION, cgroup_info, isolation_levels
+
+    _, mode = cgroup_info()
+    return {
+        "Version": VERSION,
+        "ApiVersion": API_VERSION,
+        "MinAPIVersion": MIN_API_VERSION,
+        "Isolation": isolation_levels(engine),
+        "CgroupMode": mode,
+        "Root": engine.root,
+        "Run": engine.run_dir,
+        "KVM": os.path.exists("/dev/kvm"),
+        "Uptime": round(time.time() - started, 3),
+    }
+
+
+async def info(request: web.Request) -> web.StreamResponse:
+    ctx = ctx_of(request)
+    return json_response(await ctx.call(_info, ctx.started))
+
+
+async def bootstrap(request: web.Request) -> web.StreamResponse:
+    what = (qstr(request, "image") or "").strip()
+    if not what:
+        raise bad_request("give image=busybox or image=debian[:SUITE]")
+    kind = what.partition(":")[0]
+    if kind not in ("busybox", "debian") or (kind == "busybox" and what != "busybox"):
+        raise bad_request(
+            f"cannot bootstrap {what!r}: cocon makes busybox (from the host) and debian[:SUITE]"
+        )
+    mirror = qstr(request, "mirror") or None
+    ctx = ctx_of(request)
+    stream = JSONStream(request, "application/x-ndjson")
+
+    def work(engine: Engine, progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+        return engine.imageops.image_bootstrap(what, mirror=mirror, progress=progress)
+
+    try:
+        result = await pump(ctx, stream, work, status="Bootstrapping")
+    except EngineError as exc:
+        if not stream.started:
+            raise
+        await stream.error(str(exc))
+        return await stream.finish()
+    await stream.send({"aux": result})
+    return await stream.finish()
+
+
+async def save(request: web.Request) -> web.StreamResponse:
+    from cocon.api.docker.images import save_stream
+
+    fmt = request.query.get("format", "oci-archive")
+    if fmt not in SAVE_FORMATS:
+        raise bad_request(f"format {fmt!r}: use one of {', '.join(SAVE_FORMATS)}")
+    return await save_stream(request, qlist(request, "names"), fmt)
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    return json_response(OPENAPI)
+
+
+def register(app: web.Application) -> None:
+    app.router.add_get("/cocon/v1/info", info, allow_head=False)
+    app.router.add_post("/cocon/v1/images/bootstrap", bootstrap)
+    app.router.add_get("/cocon/v1/images/save", save, allow_head=False)
+    app.router.add_get("/cocon/v1/openapi.json", openapi, allow_head=False)
+
+
+_ERROR = {
+    "description": "bad request",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {**_ERROR, "description": description}
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "cocon native API",
+        "version": "1",
+        "description": (
+            "cocon's own routes beside its Docker Engine API-compatible ones (versions "
+            f"{MIN_API_VERSION}-{API_VERSION}, documented by Docker). "
+            'Errors are Docker\'s {"message": ...}.'
+        ),
+    },
+    "paths": {
+        "/cocon/v1/info": {
+            "get": {
+                "operationId": "info",
+                "summary": "The node as cocon sees it",
+                "responses": {
+                    "200": {
+                        "description": "node information",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Info"}}},
+                    }
+                },
+            }
+        },
+        "/cocon/v1/images/bootstrap": {
+            "post": {
+                "operationId": "imageBootstrap",
+                "summary": "Make a base image here (busybox from the host, Debian with debootstrap)",
+                "parameters": [
+                    {
+                        "name": "image",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "busybox, debian or debian:SUITE",
+                    },
+                    {
+                        "name": "mirror",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Debian mirror URL (debian only)",
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": (
+                            "JSON lines: progress messages {status, id, progressDetail{current,total}, "
+                            "progress}, then {aux: {Id, RepoTags}}, or {error, errorDetail{message}} "
+                            "if it failed after the answer began"
+                        ),
+                        "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                    },
+                    "400": _error("not an image cocon can bootstrap, or it failed before any progress"),
+                },
+            }
+        },
+        "/cocon/v1/images/save": {
+            "get": {
+                "operationId": "imageSave",
+                "summary": "Save images as an OCI archive or a docker-archive (a tar stream)",
+                "parameters": [
+                    {
+                        "name": "names",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "style": "form",
+                        "explode": True,
+                        "description": "image names or IDs, repeated",
+                    },
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": list(SAVE_FORMATS), "default": "oci-archive"},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the archive",
+                        "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "400": _error("bad format or no names"),
+                    "404": _error("no such image"),
+                },
+            }
+        },
+        "/cocon/v1/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3 document",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    },
+    "components": {
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["message"],
+                "properties": {"message": {"type": "string"}},
+            },
+            "Info": {
+                "type": "object",
+                "required": [
+                    "Version",
+                    "ApiVersion",
+                    "MinAPIVersion",
+                    "Isolation",
+                    "CgroupMode",
+                    "Root",
+                    "Run",
+                    "KVM",
+                ],
+                "properties": {
+                    "Version": {"type": "string"},
+                    "ApiVersion": {"type": "string"},
+                    "MinAPIVersion": {"type": "string"},
+                    "Isolation": {
+                        "type": "object",
+                        "description": "each isolation level: 'available' or why it is not",
+                        "additionalProperties": {"type": "string"},
+                    },
+                    "CgroupMode": {"type": "string", "enum": ["v1", "hybrid", "v2"]},
+                    "Root": {"type": "string"},
+                    "Run": {"type": "string"},
+                    "KVM": {"type": "boolean"},
+                    "Uptime": {"type": "number"},
+                },
+            },
+        }
+    },
+}

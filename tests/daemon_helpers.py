@@ -1,0 +1,180 @@
+"""Helpers for tests of the node daemon: a real `cocon daemon` process on private COCON_ROOT and
+COCON_RUN (the root holds busybox:latest), a raw HTTP client over its Unix socket, and clean-up
+(the daemon stopped, killed if it must be, mounts under its roots undone, directories removed)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cli_helpers import COCON, new_root_with_busybox, unmount_all
+from cocon.api.http_client import HTTPClient
+
+DOCKER = shutil.which("docker") or "/usr/bin/docker"
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.body.splitlines() if line.strip()]
+
+    @property
+    def message(self) -> str:
+        return str(self.json()["message"])
+
+
+@dataclass
+class Daemon:
+    root: str
+    run: str
+    proc: subprocess.Popen[bytes]
+    log_path: str
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def sock(self) -> str:
+        return os.path.join(self.run, "cocon.sock")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, COCON_ROOT=self.root, COCON_RUN=self.run, DOCKER_HOST=f"unix://{self.sock}")
+
+    def client(self) -> HTTPClient:
+        return HTTPClient(self.sock, timeout=120)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> Reply:
+        conn = UnixHTTPConnection(self.sock, timeout=timeout)
+        try:
+            data = body.encode() if isinstance(body, str) else body
+            conn.request(method, path, body=data, headers=headers or {})
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
+    client = HTTPClient(path, timeout=2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.ping():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError(f"no daemon answered on {path} within {timeout} s")
+
+
+def new_roots(base: str, busybox: bool = True) -> tuple[str, str]:
+    root = os.path.join(base, "root")
+    run = tempfile.mkdtemp(prefix="cocon-test-run-", dir="/run")
+    if busybox:
+        new_root_with_busybox(root)
+    else:
+        os.makedirs(root, exist_ok=True)
+    return root, run
+
+
+def start_daemon(
+    base: str,
+    *args: str,
+    root: str | None = None,
+    run: str | None = None,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Daemon:
+    if root is None or run is None:
+        root, run = new_roots(base)
+    log_path = os.path.join(base, f"daemon-{time.monotonic_ns()}.log")
+    full_env = dict(os.environ, COCON_ROOT=root, COCON_RUN=run, **(env or {}))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([COCON, "daemon", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    daemon = Daemon(root=root, run=run, proc=proc, log_path=log_path, extra=list(args))
+    if wait:
+        try:
+            wait_for_socket(daemon.sock, proc)
+        except BaseException:
+            daemon.stop(signal.SIGKILL)
+            raise AssertionError(f"the daemon did not start:\n{daemon.log()}") from None
+    return daemon
+
+
+def cleanup(daemon: Daemon, remove_run: bool = True) -> None:
+    daemon.stop()
+    unmount_all(daemon.run)
+    unmount_all(daemon.root)
+    if remove_run:
+        shutil.rmtree(daemon.run, ignore_errors=True)
+
+
+def tar_bytes(members: list[tuple[str, bytes | None, dict[str, Any]]]) -> bytes:
+    """A tar in memory: (name, data or None for a directory/link, tarinfo attributes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data, attrs in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = int(time.time())
+            info.mode = 0o644
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            else:
+                tf.addfile(info)
+    return buf.getvalue()
+
+
+def context_tar(files: dict[str, str]) -> bytes:
+    return tar_bytes([(name, text.encode(), {}) for name, text in files.items()])
