@@ -26,7 +26,7 @@ from __future__ import annotations
 from cocon._typing import TYPE_CHECKING, record
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import Any
 
     Progress = Callable[[str, int, int], None]  # (what, done, total); total 0 = not known
@@ -88,6 +88,102 @@ class Client:
 
     def container_inspect(self, container: str) -> dict[str, Any]:
         """`GET /containers/{id}/json`."""
+        raise NotImplementedError
+
+    # --- detached containers and their life cycle (docs/lifecycle.md) -------------------------------
+    def container_run_detached(self, config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        """`cocon run -d`: create + start under a supervisor that outlives the caller. {"Id", "Warnings"}."""
+        raise NotImplementedError
+
+    def container_start_detached(self, container: str) -> None:
+        """`POST /containers/{id}/start` without attaching: the output goes to the container's log."""
+        raise NotImplementedError
+
+    def container_stop(self, container: str, *, timeout: int | None = None) -> None:
+        """`POST /containers/{id}/stop?t=`: the stop signal, SIGKILL after `timeout` seconds."""
+        raise NotImplementedError
+
+    def container_restart(self, container: str, *, timeout: int | None = None) -> None:
+        """`POST /containers/{id}/restart?t=`."""
+        raise NotImplementedError
+
+    def container_wait_until(self, container: str, condition: str = "not-running") -> dict[str, Any]:
+        """`POST /containers/{id}/wait?condition=not-running|next-exit|removed`: {"StatusCode", "Error"}."""
+        raise NotImplementedError
+
+    def container_logs(
+        self,
+        container: str,
+        *,
+        stdout: bool = True,
+        stderr: bool = True,
+        since: str | None = None,
+        until: str | None = None,
+        tail: int | None = None,
+        timestamps: bool = False,
+        follow: bool = False,
+    ) -> Iterator[tuple[str, bytes]]:
+        """`GET /containers/{id}/logs`: ("stdout"|"stderr", line) pairs, oldest first; with
+        `timestamps` each line starts with its RFC 3339 time and a space."""
+        raise NotImplementedError
+
+    def container_exec(
+        self,
+        container: str,
+        cmd: Sequence[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        user: str | None = None,
+        workdir: str | None = None,
+        env: Sequence[str] = (),
+    ) -> int:
+        """`POST /containers/{id}/exec` + `/exec/{id}/start`: run `cmd` in the running container on the
+        caller's stdio (its terminal with `tty`); returns its exit code."""
+        raise NotImplementedError
+
+    def container_attach(self, container: str, *, stdin: bool = True) -> int:
+        """`POST /containers/{id}/attach`: the caller's stdio joined to the running container's until
+        it exits (its exit code) or the caller detaches (Ctrl-P Ctrl-Q with a terminal: -1)."""
+        raise NotImplementedError
+
+    def container_start_attach(self, container: str, *, stdin: bool = False) -> int:
+        """`start -a`: attach (before the process runs, so that no output is missed), start, relay until
+        it exits; its exit code (-1 when the caller detached)."""
+        raise NotImplementedError
+
+    def container_pause(self, container: str) -> None:
+        """`POST /containers/{id}/pause`."""
+        raise NotImplementedError
+
+    def container_unpause(self, container: str) -> None:
+        """`POST /containers/{id}/unpause`."""
+        raise NotImplementedError
+
+    def container_rename(self, container: str, name: str) -> None:
+        """`POST /containers/{id}/rename?name=`."""
+        raise NotImplementedError
+
+    def container_top(self, container: str, ps_args: str | None = None) -> dict[str, Any]:
+        """`GET /containers/{id}/top?ps_args=`: {"Titles": [...], "Processes": [[...], ...]}."""
+        raise NotImplementedError
+
+    def container_stats(self, container: str) -> dict[str, Any]:
+        """`GET /containers/{id}/stats?stream=false`: Docker's stats document (cpu, memory, pids,
+        blkio, networks) read from the container's cgroup and network namespace."""
+        raise NotImplementedError
+
+    def container_copy_from(self, container: str, path: str, dest: str) -> None:
+        """`GET /containers/{id}/archive?path=`: copy `path` of the container to `dest` on this machine
+        (Docker's `cp` rules)."""
+        raise NotImplementedError
+
+    def container_copy_to(self, container: str, source: str, path: str) -> None:
+        """`PUT /containers/{id}/archive?path=`: copy `source` on this machine into the container."""
+        raise NotImplementedError
+
+    def container_port(self, container: str) -> dict[str, Any]:
+        """Published ports, Docker's `NetworkSettings.Ports` (empty until bridged networking)."""
         raise NotImplementedError
 
     # --- images ------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from cocon.api.client import APIError, Attachment, Client
 from cocon.engine.errors import EngineError, StartFailed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import Any
 
     from cocon.api.client import Progress
     from cocon.engine.engine import Engine
+    from cocon.engine.logs import Entry
+    from cocon.engine.supervisor import Supervisor
 
 
 class _Errors:
@@ -82,15 +84,177 @@ class LocalClient(Client):
 
     def container_remove(self, container: str, *, force: bool = False, volumes: bool = False) -> str:
         with _errors:
-            return self.engine.containers.remove(container, force=force, volumes=volumes)
+            return self.supervisor.remove(container, force=force, volumes=volumes)  # detached ones too
 
     def container_list(self, *, all: bool = False) -> list[dict[str, Any]]:
         with _errors:
-            return self.engine.containers.list(all=all)
+            return self.supervisor.ps(all=all)  # detached containers' state too
 
     def container_inspect(self, container: str) -> dict[str, Any]:
         with _errors:
-            return self.engine.containers.inspect(container)
+            return self.supervisor.inspect(container)
+
+    # --- detached containers (cocon.engine.supervisor) ---------------------------------------------
+    @property
+    def supervisor(self) -> Supervisor:
+        return self.engine.supervisor
+
+    def container_run_detached(self, config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+        with _errors:
+            return self.supervisor.run(config, name)
+
+    def container_start_detached(self, container: str) -> None:
+        with _errors:
+            self.supervisor.start(container)
+
+    def container_stop(self, container: str, *, timeout: int | None = None) -> None:
+        with _errors:
+            self.supervisor.stop(container, timeout)
+
+    def container_restart(self, container: str, *, timeout: int | None = None) -> None:
+        with _errors:
+            self.supervisor.restart(container, timeout)
+
+    def container_wait_until(self, container: str, condition: str = "not-running") -> dict[str, Any]:
+        with _errors:
+            return {"StatusCode": self.supervisor.wait(container, condition), "Error": None}
+
+    def container_logs(
+        self,
+        container: str,
+        *,
+        stdout: bool = True,
+        stderr: bool = True,
+        since: str | None = None,
+        until: str | None = None,
+        tail: int | None = None,
+        timestamps: bool = False,
+        follow: bool = False,
+    ) -> Iterator[tuple[str, bytes]]:
+        from cocon.engine import logs
+        from cocon.engine.errors import InvalidRequest
+
+        with _errors:
+            try:
+                since_t, until_t = logs.parse_since(since), logs.parse_since(until)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            rec, files = self.supervisor.log_files(container)
+            sup = self.supervisor
+            entries = logs.read_logs(
+                files, stdout=stdout, stderr=stderr, since=since_t, until=until_t, tail=tail,
+                follow=follow, running=lambda: sup.running(rec.id),
+            )  # fmt: skip
+        return _log_lines(entries, timestamps)
+
+    def container_exec(
+        self,
+        container: str,
+        cmd: Sequence[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        user: str | None = None,
+        workdir: str | None = None,
+        env: Sequence[str] = (),
+    ) -> int:
+        import subprocess
+
+        with _errors:
+            args = self.supervisor.exec_args(container, list(cmd), tty=tty, user=user, workdir=workdir,
+                                             env=tuple(env))  # fmt: skip
+        return subprocess.run(args, stdin=None if stdin or tty else subprocess.DEVNULL).returncode
+
+    def container_start_attach(self, container: str, *, stdin: bool = False) -> int:
+        from cocon.engine import attach
+
+        socks: list[Any] = []
+
+        def connect(rec: Any) -> None:
+            socks.append(attach.connect(self.supervisor.attach_socket(rec.id), rec.name))
+
+        with _errors:
+            self.supervisor.start(container, on_created=connect)
+        return self._relay_attached(container, socks[0], stdin)
+
+    def container_attach(self, container: str, *, stdin: bool = True) -> int:
+        from cocon.engine import attach
+
+        with _errors:
+            rec = self.engine.instances.get(container)
+            sock = attach.connect(self.supervisor.attach_socket(rec.id), rec.name)
+        return self._relay_attached(container, sock, stdin)
+
+    def _relay_attached(self, container: str, sock: Any, stdin: bool) -> int:
+        import sys
+
+        from cocon.engine import attach
+
+        with _errors:
+            rec = self.engine.instances.get(container)
+        tty = bool(rec.config["Create"].get("Tty"))
+        restore = None
+        if tty and stdin and os.isatty(0):
+            import termios
+            import tty as ttymod
+
+            restore = termios.tcgetattr(0)
+            ttymod.setraw(0)
+            size = os.get_terminal_size(0)
+            attach.resize(self.supervisor.bundle(rec.id), size.lines, size.columns)
+
+        def out(stream: int, data: bytes) -> None:
+            fd = 2 if stream == attach.STDERR else 1
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+
+        try:
+            with _errors:
+                ended = attach.relay(sock, out, 0 if stdin else -1, attach.DETACH_KEYS if tty else None)
+        finally:
+            sock.close()
+            if restore is not None:
+                import termios
+
+                termios.tcsetattr(0, termios.TCSADRAIN, restore)
+        if not ended:
+            sys.stderr.write("\nread escape sequence\n")
+            return -1
+        with _errors:
+            return int(self.supervisor.wait(rec.id))
+
+    def container_pause(self, container: str) -> None:
+        with _errors:
+            self.supervisor.pause(container)
+
+    def container_unpause(self, container: str) -> None:
+        with _errors:
+            self.supervisor.unpause(container)
+
+    def container_rename(self, container: str, name: str) -> None:
+        with _errors:
+            self.supervisor.rename(container, name)
+
+    def container_top(self, container: str, ps_args: str | None = None) -> dict[str, Any]:
+        with _errors:
+            return self.supervisor.top(container, ps_args)
+
+    def container_stats(self, container: str) -> dict[str, Any]:
+        with _errors:
+            return self.supervisor.stats(container)
+
+    def container_copy_from(self, container: str, path: str, dest: str) -> None:
+        with _errors:
+            self.supervisor.copy(container, dest=dest, path=path)
+
+    def container_copy_to(self, container: str, source: str, path: str) -> None:
+        with _errors:
+            self.supervisor.copy(container, src=source, path=path)
+
+    def container_port(self, container: str) -> dict[str, Any]:
+        with _errors:
+            return self.supervisor.ports(container)
 
     # --- images ------------------------------------------------------------------------------------
     def image_list(self, *, all: bool = False, dangling: bool | None = None) -> list[dict[str, Any]]:
@@ -202,3 +366,10 @@ class LocalClient(Client):
             os.close(self._devnull)
             self._devnull = -1
         self.engine.close()
+
+
+def _log_lines(entries: Iterator[Entry], timestamps: bool) -> Iterator[tuple[str, bytes]]:
+    from cocon.engine.logs import docker_time
+
+    for stream, t, stamp, line in entries:
+        yield stream, (docker_time(t, stamp).encode() + b" " + line) if timestamps else line

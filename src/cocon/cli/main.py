@@ -42,7 +42,7 @@ def _parser_class() -> type[argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cocon.cli import build, containers, images, run, volumes
+    from cocon.cli import build, containers, daemon, images, run, volumes
 
     parser = _parser_class()(
         prog="cocon",
@@ -58,16 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     images.register(sub)
     build.register(sub)
     volumes.register(sub)
+    daemon.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, client: Client | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "run":
+    if argv and argv[0] in ("run", "create"):
         from cocon.cli import run
 
         try:
-            return run.main(argv[1:], client)
+            return run.main(argv[1:], client, command=argv[0])
         except KeyboardInterrupt:
             return 130
         except Exception as exc:  # an unexpected failure: one line, not a traceback

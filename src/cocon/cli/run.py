@@ -39,6 +39,29 @@ FLAGS: tuple[tuple[tuple[str, ...], str, str, str | None, str], ...] = (
     ),
     (("-i", "--interactive"), "interactive", "bool", None, "keep stdin open: the process reads this input"),
     (
+        ("-d", "--detach"),
+        "detach",
+        "bool",
+        None,
+        "run in the background under its own supervisor; print its ID",
+    ),
+    (("--restart",), "restart", "value", "POLICY", "no, on-failure[:N], always or unless-stopped"),
+    (
+        ("--stop-signal",),
+        "stop_signal",
+        "value",
+        "SIGNAL",
+        "signal `cocon stop` sends first (default SIGTERM)",
+    ),
+    (("--stop-timeout",), "stop_timeout", "value", "N", "seconds `cocon stop` waits before SIGKILL (10)"),
+    (("--log-opt",), "log_opt", "list", "K=V", "log options: max-size=SIZE, max-file=N"),
+    (("--health-cmd",), "health_cmd", "value", "CMD", "command that checks the container's health"),
+    (("--health-interval",), "health_interval", "value", "DURATION", "time between checks (30s)"),
+    (("--health-timeout",), "health_timeout", "value", "DURATION", "a check's time limit (30s)"),
+    (("--health-retries",), "health_retries", "value", "N", "failures in a row that make it unhealthy (3)"),
+    (("--health-start-period",), "health_start_period", "value", "DURATION", "failures then do not count"),
+    (("--no-healthcheck",), "no_healthcheck", "bool", None, "disable the image's HEALTHCHECK"),
+    (
         ("-t", "--tty"),
         "tty",
         "bool",
@@ -220,6 +243,7 @@ def parse_args(argv: Sequence[str]) -> RunOptions:
 def register(subparsers: Any) -> None:
     """`cocon run` in the top-level help (parsing is done by parse_args)."""
     subparsers.add_parser("run", help="run a command in a new container", add_help=False)
+    subparsers.add_parser("create", help="create a new container (the flags of run)", add_help=False)
 
 
 def help_parser() -> ArgumentParser:
@@ -380,8 +404,93 @@ def build_request(opts: RunOptions, environ: Mapping[str, str]) -> tuple[dict[st
         host["Isolation"] = opts.isolation
     if opts.network is not None:
         host["NetworkMode"] = opts.network
+    if opts.detach or opts.restart or opts.stop_signal or opts.stop_timeout or opts.log_opt:
+        _lifecycle_request(opts, body, host)
+    health = (opts.health_cmd, opts.no_healthcheck, opts.health_interval, opts.health_retries,
+              opts.health_timeout, opts.health_start_period)  # fmt: skip
+    if any(health):
+        _health_request(opts, body)
     body["HostConfig"] = host
     return body, opts.name
+
+
+def _lifecycle_request(opts: RunOptions, body: dict[str, Any], host: dict[str, Any]) -> None:
+    """The flags of detached containers (`-d`, `--restart`, `--stop-*`, `--log-opt`)."""
+    if opts.restart:
+        name, _, count = opts.restart.partition(":")
+        if name not in ("no", "on-failure", "always", "unless-stopped") or (
+            count and (name != "on-failure" or not count.isdigit())
+        ):
+            raise UsageError(
+                f"invalid --restart {opts.restart!r}: use no, on-failure[:N], always or unless-stopped"
+            )
+        if opts.rm and name != "no":
+            raise UsageError("conflicting options: --restart and --rm")
+        host["RestartPolicy"] = {"Name": name, "MaximumRetryCount": int(count) if count else 0}
+    if opts.stop_signal:
+        body["StopSignal"] = opts.stop_signal
+    if opts.stop_timeout:
+        try:
+            body["StopTimeout"] = int(opts.stop_timeout)
+        except ValueError:
+            raise UsageError(f"invalid --stop-timeout {opts.stop_timeout!r}: give whole seconds") from None
+    if opts.log_opt:
+        cfg = {}
+        for item in opts.log_opt:
+            k, eq, v = item.partition("=")
+            if not eq or k not in ("max-size", "max-file"):
+                raise UsageError(f"invalid --log-opt {item!r}: use max-size=SIZE or max-file=N")
+            cfg[k] = v
+        host["LogConfig"] = {"Type": "k8s-file", "Config": cfg}
+
+
+def parse_duration(text: str, flag: str) -> int:
+    """Go durations (`30s`, `1m30s`, `500ms`) as nanoseconds."""
+    units = {"ns": 1, "us": 1_000, "ms": 1_000_000, "s": 1_000_000_000, "m": 60_000_000_000,
+             "h": 3_600_000_000_000}  # fmt: skip
+    total = 0.0
+    i = 0
+    num = ""
+    try:
+        while i < len(text):
+            c = text[i]
+            if c.isdigit() or c == ".":
+                num += c
+                i += 1
+                continue
+            unit = text[i : i + 2] if text[i : i + 2] in units else c
+            total += float(num) * units[unit]
+            num = ""
+            i += len(unit)
+        if num or not text:
+            raise KeyError(num)
+    except (KeyError, ValueError):
+        raise UsageError(f"invalid {flag} {text!r}: give a duration like 30s, 1m30s or 500ms") from None
+    return int(total)
+
+
+def _health_request(opts: RunOptions, body: dict[str, Any]) -> None:
+    if opts.no_healthcheck:
+        if opts.health_cmd:
+            raise UsageError("--no-healthcheck conflicts with --health-* options")
+        body["Healthcheck"] = {"Test": ["NONE"]}
+        return
+    hc: dict[str, Any] = {}
+    if opts.health_cmd:
+        hc["Test"] = ["CMD-SHELL", opts.health_cmd]
+    for flag, key, value in (
+        ("--health-interval", "Interval", opts.health_interval),
+        ("--health-timeout", "Timeout", opts.health_timeout),
+        ("--health-start-period", "StartPeriod", opts.health_start_period),
+    ):
+        if value:
+            hc[key] = parse_duration(value, flag)
+    if opts.health_retries:
+        try:
+            hc["Retries"] = int(opts.health_retries)
+        except ValueError:
+            raise UsageError(f"invalid --health-retries {opts.health_retries!r}: give a number") from None
+    body["Healthcheck"] = hc
 
 
 def _security_opt(opt: str) -> str:
@@ -528,6 +637,8 @@ def run(client: Client, opts: RunOptions, environ: Mapping[str, str] | None = No
     for w in created.get("Warnings") or ():
         os.write(2, f"WARNING: {w}\n".encode())
     cid = created["Id"]
+    if opts.detach:
+        return _start_detached(client, cid)
     proxy = SignalProxy(client, cid)
     try:
         try:
@@ -552,7 +663,39 @@ def run(client: Client, opts: RunOptions, environ: Mapping[str, str] | None = No
         proxy.restore()
 
 
-def main(argv: Sequence[str], client: Client | None = None) -> int:
+def _start_detached(client: Client, cid: str) -> int:
+    """`-d`: start under the container's own supervisor and print its ID (docker run -d)."""
+    from cocon.api.client import APIError
+
+    try:
+        client.container_start_detached(cid)
+    except APIError as exc:
+        _error(str(exc))
+        return exc.exit_code or 125
+    os.write(1, f"{cid}\n".encode())
+    return 0
+
+
+def create(client: Client, opts: RunOptions, environ: Mapping[str, str] | None = None) -> int:
+    """`cocon create`: the container, not started; prints its ID."""
+    from cocon.api.client import APIError
+
+    try:
+        body, name = build_request(opts, os.environ if environ is None else environ)
+        created = client.container_create(body, name)
+    except UsageError as exc:
+        _error(str(exc))
+        return 125
+    except APIError as exc:
+        _error(str(exc))
+        return 125
+    for w in created.get("Warnings") or ():
+        os.write(2, f"WARNING: {w}\n".encode())
+    os.write(1, f"{created['Id']}\n".encode())
+    return 0
+
+
+def main(argv: Sequence[str], client: Client | None = None, *, command: str = "run") -> int:
     """`cocon run ARGV…` with the default client (the engine in this process)."""
     try:
         opts = parse_args(argv)
@@ -566,4 +709,6 @@ def main(argv: Sequence[str], client: Client | None = None) -> int:
         from cocon.api.local import LocalClient
 
         client = LocalClient()
+    if command == "create":
+        return create(client, opts)
     return run(client, opts)

@@ -13,26 +13,29 @@
 |---|---|
 | `runtime/`       | the container runtime's state (`cocon.runtime`) |
 | `instances/<id>/`| an instance's bundle (its runtime config) while it runs |
-| `spec-cache/`    | runtime config templates (see `cocon.isolation.container`) |
 | `seccomp/`       | seccomp profiles given by content (`--security-opt seccomp=FILE`), by digest |
 
-Every store is opened on first use, and the heavy ones (image store, snapshotter) are imported on
-first use: `cocon run` of an image whose layers are unpacked never loads them (see
-`cocon.engine.lookup` and `cocon.engine.rootfs`).
+Every store is imported and opened on first use. `cocon run` uses the image store and the
+snapshotter themselves: their modules import only what they use (no `re`, `dataclasses`, `typing`,
+`hashlib`, `shutil`… at import time), so loading them costs `cocon run` about a millisecond.
 """
 
 from __future__ import annotations
 
 import os
 
-from cocon._typing import TYPE_CHECKING
+from cocon._typing import TYPE_CHECKING, record
 from cocon.engine.errors import EngineError, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from cocon.engine.containers import Containers
+    from cocon.engine.events import Event, EventLog
     from cocon.engine.imageops import ImageOps
     from cocon.engine.instances import InstanceStore
-    from cocon.engine.lookup import ImageInfo
+    from cocon.engine.networks import NetworkStore
+    from cocon.engine.supervisor import Supervisor
     from cocon.images.store import Image, ImageStore
     from cocon.isolation.base import Driver
     from cocon.snapshots import OverlaySnapshotter
@@ -40,6 +43,16 @@ if TYPE_CHECKING:
 
 DEFAULT_ROOT = "/var/lib/cocon"
 DEFAULT_RUN = "/run/cocon"
+
+
+@record(frozen=True)
+class ImageInfo:
+    """What running an image needs: its ID, its config's `config` object (Docker's JSON names, fields
+    left out when unset) and the ChainIDs of its layers, lowest first (the snapshot's parents)."""
+
+    id: str
+    config: dict[str, Any]
+    chain_ids: tuple[str, ...]
 
 
 class Engine:
@@ -50,12 +63,14 @@ class Engine:
         self.run_dir = os.path.abspath(run or os.environ.get("COCON_RUN") or DEFAULT_RUN)
         self._images: ImageStore | None = None
         self._snapshotter: OverlaySnapshotter | None = None
-        self._snap_root: str | None = None
         self._volumes: VolumeStore | None = None
         self._instances: InstanceStore | None = None
         self._drivers: dict[str, Driver] = {}
         self._containers: Containers | None = None
         self._imageops: ImageOps | None = None
+        self._events: EventLog | None = None
+        self._networks: NetworkStore | None = None
+        self._supervisor: Supervisor | None = None
 
     # --- stores ----------------------------------------------------------------------------------
     @property
@@ -70,7 +85,8 @@ class Engine:
     @property
     def snapshotter(self) -> OverlaySnapshotter:
         if self._snapshotter is None:
-            from cocon.snapshots import OverlaySnapshotter, SnapshotError
+            from cocon.snapshots.errors import SnapshotError
+            from cocon.snapshots.overlay import OverlaySnapshotter
 
             try:
                 self._snapshotter = OverlaySnapshotter(os.path.join(self.root, "snapshots", "overlayfs"))
@@ -81,12 +97,7 @@ class Engine:
     @property
     def snapshot_root(self) -> str:
         """The snapshotter's root, resolved (made on first use)."""
-        if self._snap_root is None:
-            path = os.path.join(self.root, "snapshots", "overlayfs")
-            if not os.path.isdir(os.path.join(path, "tmp")):
-                path = self.snapshotter.root
-            self._snap_root = os.path.realpath(path)
-        return self._snap_root
+        return self.snapshotter.root
 
     @property
     def volumes(self) -> VolumeStore:
@@ -104,6 +115,33 @@ class Engine:
             self._instances = InstanceStore(self.root)
         return self._instances
 
+    @property
+    def events(self) -> EventLog:
+        if self._events is None:
+            from cocon.engine.events import EventLog
+
+            self._events = EventLog(self.root)
+        return self._events
+
+    def emit(self, type: str, action: str, actor: str, /, **attributes: str) -> Event | None:
+        """Record an event (cocon.engine.events). Best effort: an operation that succeeded does not
+        fail because its event could not be written; the reason goes to stderr."""
+        try:
+            return self.events.emit(type, action, actor, attributes)
+        except EngineError as exc:
+            import sys
+
+            sys.stderr.write(f"cocon: warning: {exc}\n")
+            return None
+
+    @property
+    def networks(self) -> NetworkStore:
+        if self._networks is None:
+            from cocon.engine.networks import NetworkStore
+
+            self._networks = NetworkStore(self.root)
+        return self._networks
+
     def driver(self, isolation: str) -> Driver:
         if isolation not in self._drivers:
             if isolation != "container":
@@ -112,9 +150,7 @@ class Engine:
                 )
             from cocon.isolation.container import ContainerDriver
 
-            self._drivers[isolation] = ContainerDriver(
-                os.path.join(self.run_dir, "runtime"), os.path.join(self.run_dir, "spec-cache")
-            )
+            self._drivers[isolation] = ContainerDriver(os.path.join(self.run_dir, "runtime"))
         return self._drivers[isolation]
 
     # --- the parts of the API ----------------------------------------------------------------------
@@ -127,6 +163,15 @@ class Engine:
         return self._containers
 
     @property
+    def supervisor(self) -> Supervisor:
+        """Detached containers under conmon (cocon.engine.supervisor; docs/lifecycle.md)."""
+        if self._supervisor is None:
+            from cocon.engine.supervisor import Supervisor
+
+            self._supervisor = Supervisor(self)
+        return self._supervisor
+
+    @property
     def imageops(self) -> ImageOps:
         if self._imageops is None:
             from cocon.engine.imageops import ImageOps
@@ -136,19 +181,25 @@ class Engine:
 
     # --- images for running ------------------------------------------------------------------------
     def image_for_run(self, ref: str) -> ImageInfo:
-        """What running `ref` needs, with every layer unpacked into the snapshotter. Answers from the
-        image database directly when it can (cocon.engine.lookup), else from the image store."""
-        from cocon.engine import lookup
-        from cocon.engine.rootfs import layers_present
+        """What running `ref` needs (the image store resolves it), with every layer unpacked into the
+        snapshotter."""
+        from cocon.oci.jsonobj import to_builtins
+        from cocon.snapshots.chain import chain_ids
+        from cocon.snapshots.errors import SnapshotError
 
-        image_id = lookup.resolve_id(self.root, ref)
-        info = lookup.image_info(self.root, image_id) if image_id else None
-        if info is None:
-            image = self._resolve_image(ref)
-            info = lookup.image_info(self.root, image.id) or self._image_info_slow(image)
-        if not layers_present(self.snapshot_root, info.chain_ids):
-            self.unpack(self._resolve_image(info.id))
-        return info
+        image = self._resolve_image(ref)
+        try:
+            chains = chain_ids(image.diff_ids)
+        except SnapshotError as exc:
+            raise EngineError(
+                f"image {image.short_id}: {exc}; remove it and import or build it again"
+            ) from None
+        snapshotter = self.snapshotter
+        if not all(snapshotter.has_layer(c) for c in chains):
+            self.unpack(image)
+        container_config = image.config.config
+        config = to_builtins(container_config) if container_config is not None else {}
+        return ImageInfo(id=image.id, config=config, chain_ids=tuple(chains))
 
     def _resolve_image(self, ref: str) -> Image:
         from cocon.images.errors import ImageError
@@ -161,23 +212,10 @@ class Engine:
         except ImageError as exc:
             raise EngineError(str(exc)) from None
 
-    def _image_info_slow(self, image: Image) -> ImageInfo:
-        from cocon.engine.lookup import ImageInfo
-        from cocon.snapshots import chain_ids
-
-        raw = self.images.content.read(image.id)
-        config = _fastjson_loads(raw).get("config")
-        return ImageInfo(
-            id=image.id,
-            config=config if isinstance(config, dict) else {},
-            chain_ids=tuple(chain_ids(image.diff_ids)),
-            config_blob=raw,
-        )
-
     def unpack(self, image: Image) -> list[str]:
         """Unpack every layer of `image` into the snapshotter (layers already there are skipped)."""
         from cocon.images.errors import ImageError
-        from cocon.snapshots import SnapshotError
+        from cocon.snapshots.errors import SnapshotError
         from cocon.snapshots.unpack import unpack_image
 
         try:
@@ -190,10 +228,7 @@ class Engine:
             self._images.close()
         if self._instances is not None:
             self._instances.close()
-
-
-def _fastjson_loads(data: bytes) -> dict[str, object]:
-    from cocon import _fastjson
-
-    doc = _fastjson.loads(data)
-    return doc if isinstance(doc, dict) else {}
+        if self._events is not None:
+            self._events.close()
+        if self._networks is not None:
+            self._networks.close()
