@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from cocon.engine.containers import _tmpfs_options, effective_args, human_duration, validate_name
+from cocon._units import human_duration
+from cocon.engine.containers import _tmpfs_options, effective_args, validate_name
 from cocon.engine.engine import Engine
 from cocon.engine.errors import Conflict, EngineError, InvalidRequest, NotFound
 from cocon.engine.instances import InstanceRecord, InstanceStore

@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from cocon._units import human_duration
+
 
 def error(message: str) -> None:
     text = " ".join(str(message).split("\n"))
@@ -71,34 +73,6 @@ def human_size(n: float) -> str:
     if "e" in text:
         text = f"{value:.0f}"
     return f"{text}{units[i]}"
-
-
-def human_duration(seconds: float) -> str:
-    """Docker's units.HumanDuration: "Less than a second", "3 seconds", "About a minute", …"""
-    s = int(seconds)
-    if s < 1:
-        return "Less than a second"
-    if s == 1:
-        return "1 second"
-    if s < 60:
-        return f"{s} seconds"
-    m = s // 60
-    if m == 1:
-        return "About a minute"
-    if m < 60:
-        return f"{m} minutes"
-    h = round(s / 3600)
-    if h == 1:
-        return "About an hour"
-    if h < 48:
-        return f"{h} hours"
-    if h < 24 * 7 * 2:
-        return f"{h // 24} days"
-    if h < 24 * 30 * 2:
-        return f"{h // (24 * 7)} weeks"
-    if h < 24 * 365 * 2:
-        return f"{h // (24 * 30)} months"
-    return f"{h // (24 * 365)} years"
 
 
 def time_ago(unix: float) -> str:

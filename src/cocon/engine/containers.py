@@ -22,6 +22,7 @@ import os
 import time
 
 from cocon._typing import TYPE_CHECKING
+from cocon._units import human_duration
 from cocon.engine.errors import Conflict, EngineError, InvalidRequest, NotFound, StartFailed
 
 if TYPE_CHECKING:
@@ -51,34 +52,6 @@ def rfc3339(t: float | None) -> str:
     if not t:
         return "0001-01-01T00:00:00Z"
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1e9):09d}Z"
-
-
-def human_duration(seconds: float) -> str:
-    """Docker's `units.HumanDuration`: "Less than a second", "3 seconds", "About a minute", …"""
-    s = int(seconds)
-    if s < 1:
-        return "Less than a second"
-    if s == 1:
-        return "1 second"
-    if s < 60:
-        return f"{s} seconds"
-    m = s // 60
-    if m == 1:
-        return "About a minute"
-    if m < 60:
-        return f"{m} minutes"
-    h = round(s / 3600)
-    if h == 1:
-        return "About an hour"
-    if h < 48:
-        return f"{h} hours"
-    if h < 24 * 7 * 2:
-        return f"{h // 24} days"
-    if h < 24 * 30 * 2:
-        return f"{h // (24 * 7)} weeks"
-    if h < 24 * 365 * 2:
-        return f"{h // (24 * 30)} months"
-    return f"{h // (24 * 365)} years"
 
 
 def validate_name(name: str) -> str:

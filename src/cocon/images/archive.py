@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, Literal, Protocol, cast
 
 from cocon import _linux
+from cocon._streams import Peekable
 from cocon.content import ContentError, DigestMismatch
 from cocon.images.build_errors import ContainerfileError
 from cocon.images.errors import ImageError, LayerError
@@ -168,33 +169,6 @@ class Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
 
-class _Peekable:
-    """A readable stream whose first bytes can be looked at and are then read again."""
-
-    def __init__(self, raw: Readable) -> None:
-        self._raw = raw
-        self._head = b""
-
-    def peek(self, n: int) -> bytes:
-        while len(self._head) < n:
-            data = self._raw.read(n - len(self._head))
-            if not data:
-                break
-            self._head += data
-        return self._head[:n]
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            if n < 0:
-                data, self._head = self._head + self._raw.read(), b""
-                return data
-            data, self._head = self._head[:n], self._head[n:]
-            if len(data) < n:  # a full read, as readers such as tarfile.copyfileobj expect
-                data += self._raw.read(n - len(data))
-            return data
-        return self._raw.read(n)
-
-
 def sniff_compression(head: bytes) -> Compression:
     """gzip, zstd or None (anything else, a plain tar included), from the first bytes of a stream."""
     if head.startswith(_GZIP_MAGIC):
@@ -210,7 +184,7 @@ class _Decompressing:
 
     def __init__(self, raw: Readable, what: str, error: type[ImageError]) -> None:
         self._error = error
-        peek = _Peekable(raw)
+        peek = Peekable(raw)
         self.compression = sniff_compression(peek.peek(4))
         self._what = what
         self._stream: Any

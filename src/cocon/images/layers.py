@@ -52,6 +52,7 @@ from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Literal
 
+from cocon._streams import Peekable
 from cocon.images.errors import LayerError, UnsafeLayer
 
 if TYPE_CHECKING:
@@ -99,41 +100,13 @@ _IS_ROOT = os.geteuid() == 0
 # --- reading: compression detection and hashing ----------------------------------------------------
 
 
-class _Prefixed:
-    """A readable stream whose first bytes can be peeked (for magic detection) and are given back."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self._head = b""
-
-    def peek(self, n: int) -> bytes:
-        while len(self._head) < n:
-            data = self._raw.read(n - len(self._head))
-            if not data:
-                break
-            self._head += data
-        return self._head[:n]
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            if n < 0:
-                data, self._head = self._head + self._raw.read(), b""
-                return data
-            data, self._head = self._head[:n], self._head[n:]
-            return data
-        return self._raw.read(n)
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        raise OSError(errno.ESPIPE, "a layer stream is not seekable")
-
-
 class _ZstdReader:
     """Streaming zstd decompression that notices truncation (zstandard's stream_reader does not).
 
     The input is fed in small slices so that one call's output stays bounded even for a
     decompression bomb; frames are read back to back, as `zstd -d` does."""
 
-    def __init__(self, raw: _Prefixed) -> None:
+    def __init__(self, raw: Peekable) -> None:
         import zstandard
 
         self._zstd = zstandard
@@ -250,7 +223,7 @@ _EmptyHeaderError: type[Exception] = getattr(tarfile, "EmptyHeaderError")  # noq
 _TruncatedHeaderError: type[Exception] = getattr(tarfile, "TruncatedHeaderError")  # noqa: B009
 
 
-def _detect(head: _Prefixed) -> Compression:
+def _detect(head: Peekable) -> Compression:
     magic = head.peek(4)
     if magic.startswith(GZIP_MAGIC):
         return "gzip"
@@ -290,7 +263,7 @@ class LayerReader:
         self._allow_missing_end = allow_missing_end
         self._ended = False
         try:
-            head = _Prefixed(raw)
+            head = Peekable(raw)
             self.compression: Compression = _detect(head)
             if media_type is not None:
                 declared = _media_compression(media_type)

@@ -23,6 +23,8 @@ import stat
 import tarfile
 from typing import IO, Any
 
+from cocon._streams import Peekable
+
 MAX_MEMBERS = 1_000_000
 CHUNK = 1 << 20
 
@@ -108,8 +110,8 @@ class _Padded:
 
 def _decompressed(fileobj: IO[bytes]) -> Any:
     """The tar inside gzip, bzip2 or xz (decided by content, as Docker), or the stream itself."""
-    head = fileobj.read(6)
-    rest: Any = _Prefixed(head, fileobj)
+    rest: Any = Peekable(fileobj)
+    head = rest.peek(6)
     if head.startswith(b"\x1f\x8b"):
         import gzip
 
@@ -123,21 +125,6 @@ def _decompressed(fileobj: IO[bytes]) -> Any:
 
         return lzma.LZMAFile(rest, mode="rb")
     return rest
-
-
-class _Prefixed:
-    def __init__(self, head: bytes, raw: IO[bytes]) -> None:
-        self.head = head
-        self.raw = raw
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            if n is None or n < 0:
-                data, self.head = self.head + self.raw.read(), b""
-                return data
-            data, self.head = self.head[:n], self.head[n:]
-            return data
-        return self.raw.read(n)
 
 
 def extract(fileobj: IO[bytes], dest: str, *, max_bytes: int, max_members: int = MAX_MEMBERS) -> int:
