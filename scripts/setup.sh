@@ -42,11 +42,12 @@ fi
 # about a third of the interpreter's start-up. It needs nothing from site-packages but cocon itself
 # and, when a seccomp profile is first compiled, libseccomp's bindings from Debian's dist-packages.
 launcher="$venv/bin/cocon-runtime"
-if ! grep -q 'python -S' "$launcher" 2>/dev/null; then
+if ! grep -q 'launcher v2' "$launcher" 2>/dev/null; then
     cat > "$launcher" <<LAUNCHER
 #!$PWD/$venv/bin/python -S
-# Written by scripts/setup.sh (see there why -S).
+# Written by scripts/setup.sh (see there why -S); launcher v2.
 import sys
+sys.dont_write_bytecode = False  # a module edited since set-up is compiled once, not on every call
 sys.path.insert(0, "$PWD/src")
 sys.path.append("/usr/lib/python3/dist-packages")
 from cocon.runtime.cli import entry
@@ -58,12 +59,13 @@ fi
 # launcher puts the virtualenv's site-packages on the path without running `site` (rich, zstandard are
 # only imported by the commands and code paths that need them).
 launcher="$venv/bin/cocon"
-if ! grep -q 'python -S' "$launcher" 2>/dev/null; then
+if ! grep -q 'launcher v2' "$launcher" 2>/dev/null; then
     purelib=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     cat > "$launcher" <<LAUNCHER
 #!$PWD/$venv/bin/python -S
-# Written by scripts/setup.sh (see there why -S).
+# Written by scripts/setup.sh (see there why -S); launcher v2.
 import sys
+sys.dont_write_bytecode = False  # a module edited since set-up is compiled once, not on every call
 sys.path.insert(0, "$PWD/src")
 sys.path.append("$purelib")
 sys.path.append("/usr/lib/python3/dist-packages")
@@ -75,5 +77,6 @@ fi
 # Offline Debian packages for the tests' debian:bookworm image.
 scripts/debian-tarball.sh
 
-# Byte-compile cocon so that no command pays for compiling it (PYTHONDONTWRITEBYTECODE may be set).
+# Byte-compile cocon so that no command pays for compiling it (PYTHONDONTWRITEBYTECODE may be set;
+# the launchers above write fresh bytecode anyway for modules edited later).
 "$venv/bin/python" -m compileall -q src >/dev/null
