@@ -80,12 +80,12 @@ def test_image_config_and_overrides(cocon_env: CoconEnv, tmp_path: object) -> No
     cocon_env.extra_env["FROM_HOST"] = "host value"
     cocon_env.extra_env["PASSED"] = "passed"
     p = cocon_env(
-        "run", "--rm", "-e", "A=b c", "-e", "PASSED", "--env-file", env_file, "-w", "/work/dir", "-u", "nobody",
+        "run", "--rm", "-e", "A=b c", "-e", "PASSED", "--env-file", env_file, "-w", "/srv/app", "-u", "nobody",
         "-h", "box", "busybox", "sh", "-c", 'echo "$A|$FROM_FILE|$FROM_HOST|$PASSED|$PATH"; pwd; id; hostname; echo $HOME',
     )  # fmt: skip
     assert p.stdout.splitlines() == [
         "b c|1|host value|passed|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "/work/dir",
+        "/srv/app",
         "uid=65534(nobody) gid=65534(nogroup)",
         "box",
         "/home",  # the busybox image's passwd entry

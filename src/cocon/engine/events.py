@@ -29,6 +29,7 @@ import time
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING, record
+from cocon.engine.db import open_db
 from cocon.engine.errors import EngineError, InvalidRequest
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ TRIM_EVERY = 64
 TYPES = ("builder", "config", "container", "daemon", "image", "network", "node", "plugin", "secret",
          "service", "volume")  # fmt: skip
 
+SCHEMA_VERSION = 1  # raise with every change to _SCHEMA
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, also after trimming
@@ -139,17 +141,7 @@ class EventLog:
 
     def _conn(self) -> _sqlite3.Connection:
         if self._db is None:
-            try:
-                os.makedirs(self.root, 0o700, exist_ok=True)
-                db = _sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA synchronous=NORMAL")
-                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
-            except (_sqlite3.Error, OSError) as exc:
-                raise EngineError(
-                    f"cannot open the event log {self.path}: {exc}; check that {self.root} is writable"
-                ) from None
+            db = open_db(self.root, self.path, _SCHEMA, SCHEMA_VERSION, what="event log")
             self._db = db
         return self._db
 

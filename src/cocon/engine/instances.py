@@ -23,6 +23,7 @@ import time
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING, record
+from cocon.engine.db import open_db
 from cocon.engine.errors import Conflict, EngineError, NotFound
 
 if TYPE_CHECKING:
@@ -112,23 +113,7 @@ class InstanceStore:
 
     def _conn(self) -> _sqlite3.Connection:
         if self._db is None:
-            try:
-                os.makedirs(self.root, 0o700, exist_ok=True)
-                db = _sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA foreign_keys=ON")
-                db.execute("PRAGMA synchronous=NORMAL")
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise EngineError(
-                        f"{self.path} was written by a newer cocon (schema {version}, this one knows "
-                        f"{SCHEMA_VERSION}): upgrade cocon"
-                    )
-                if version < SCHEMA_VERSION:
-                    db.execute("PRAGMA journal_mode=WAL")
-                    # one script, one transaction; CREATE … IF NOT EXISTS makes a concurrent set-up harmless
-                    db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
-            except (_sqlite3.Error, OSError) as exc:
-                raise EngineError(f"cannot open the instance database {self.path}: {exc}") from None
+            db = open_db(self.root, self.path, _SCHEMA, SCHEMA_VERSION, what="instance database")
             self._db = db
         return self._db
 

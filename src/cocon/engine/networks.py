@@ -17,6 +17,7 @@ import time
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING, record
+from cocon.engine.db import open_db
 from cocon.engine.errors import Conflict, EngineError, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ NOT_YET = (
     "--network none or --network host"
 )
 
+SCHEMA_VERSION = 1  # raise with every change to _SCHEMA
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS networks (
     id TEXT PRIMARY KEY,              -- 64 hex digits
@@ -132,23 +134,12 @@ class NetworkStore:
 
     def _conn(self) -> _sqlite3.Connection:
         if self._db is None:
-            try:
-                os.makedirs(self.root, 0o700, exist_ok=True)
-                db = _sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA synchronous=NORMAL")
-                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
-                for name, driver in PREDEFINED.items():
-                    db.execute(
-                        f"INSERT OR IGNORE INTO networks({_COLUMNS}) "
-                        "VALUES (?,?,?,?,0,0,0,'{}','{}','{}')",
-                        (os.urandom(32).hex(), name, driver, _now()),
-                    )
-            except (_sqlite3.Error, OSError) as exc:
-                raise EngineError(
-                    f"cannot open the network records {self.path}: {exc}; check that {self.root} is writable"
-                ) from None
+            db = open_db(self.root, self.path, _SCHEMA, SCHEMA_VERSION, what="network database")
+            for name, driver in PREDEFINED.items():
+                db.execute(
+                    f"INSERT OR IGNORE INTO networks({_COLUMNS}) VALUES (?,?,?,?,0,0,0,'{{}}','{{}}','{{}}')",
+                    (os.urandom(32).hex(), name, driver, _now()),
+                )
             self._db = db
         return self._db
 
