@@ -197,3 +197,12 @@ def test_usage_errors_are_one_line_with_exit_2(cocon_env: CoconEnv) -> None:
     assert p.returncode == 2
     assert cocon_env("--version").stdout.startswith("cocon version ")
     assert "images" in cocon_env("--help").stdout
+
+
+def test_bootstrap_arguments_are_checked_before_any_work(cocon_env: CoconEnv) -> None:
+    p = cocon_env("image", "bootstrap", "busybox", "--tarball", "/x.tgz", check=False)
+    assert p.returncode == 1 and "--tarball only applies to debian images" in p.stderr
+    p = cocon_env("image", "bootstrap", "debian:bookworm", "--tarball", "/nonexistent.tgz", check=False)
+    assert p.returncode == 1 and "/nonexistent.tgz: no such debootstrap tarball" in p.stderr
+    p = cocon_env("image", "bootstrap", "alpine", check=False)
+    assert p.returncode == 1 and "busybox" in p.stderr and "debian" in p.stderr

@@ -239,9 +239,15 @@ class Client:
         raise NotImplementedError
 
     def image_bootstrap(
-        self, what: str, *, mirror: str | None = None, progress: Progress | None = None
+        self,
+        what: str,
+        *,
+        mirror: str | None = None,
+        tarball: str | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
-        """cocon's own: make a base image (busybox, debian[:SUITE]) on this machine."""
+        """cocon's own: make a base image (busybox, debian[:SUITE]) on this machine; `tarball`: the
+        packages from `debootstrap --make-tarball` instead of a mirror (offline)."""
         raise NotImplementedError
 
     def image_build(

@@ -458,9 +458,16 @@ class HTTPClient(Client):
         return out
 
     def image_bootstrap(
-        self, what: str, *, mirror: str | None = None, progress: Progress | None = None
+        self,
+        what: str,
+        *,
+        mirror: str | None = None,
+        tarball: str | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         params = [("image", what)] + ([("mirror", mirror)] if mirror else [])
+        if tarball:  # a path on the daemon's machine, which is this one
+            params.append(("tarball", os.path.abspath(tarball)))
         resp = self.request("POST", "/cocon/v1/images/bootstrap", params)
         found: dict[str, Any] = {}
         self._stream(

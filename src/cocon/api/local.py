@@ -311,10 +311,17 @@ class LocalClient(Client):
             return self.engine.imageops.image_load(source, progress=progress)
 
     def image_bootstrap(
-        self, what: str, *, mirror: str | None = None, progress: Progress | None = None
+        self,
+        what: str,
+        *,
+        mirror: str | None = None,
+        tarball: str | None = None,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         with _errors:
-            return self.engine.imageops.image_bootstrap(what, mirror=mirror, progress=progress)
+            return self.engine.imageops.image_bootstrap(
+                what, mirror=mirror, tarball=tarball, progress=progress
+            )
 
     def image_build(
         self,

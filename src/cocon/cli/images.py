@@ -73,6 +73,11 @@ def register(sub: Any) -> None:
         "what", metavar="busybox|debian[:SUITE]", help="busybox (from busybox-static) or debian:bookworm"
     )
     p.add_argument("--mirror", metavar="URL", help="Debian mirror (default: this machine's apt sources)")
+    p.add_argument(
+        "--tarball",
+        metavar="FILE",
+        help="take Debian's packages from a `debootstrap --make-tarball` file instead of a mirror (offline)",
+    )
     p.set_defaults(func=cmd_bootstrap)
     _rmi_args(isub.add_parser("rm", aliases=["remove"], help="remove images"))
     _tag_args(isub.add_parser("tag", help="give an image another name"))
@@ -376,7 +381,7 @@ def cmd_import(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_bootstrap(client: Client, args: argparse.Namespace) -> int:
     with _ProgressBar(BOOTSTRAP_STAGES) as bar:
-        result = client.image_bootstrap(args.what, mirror=args.mirror, progress=bar)
+        result = client.image_bootstrap(args.what, mirror=args.mirror, tarball=args.tarball, progress=bar)
     names = ", ".join(result.get("RepoTags") or [])
     print(f"{result['Id']}" + (f"  {names}" if names else ""))
     return 0

@@ -340,6 +340,7 @@ class ImageOps:
         what: str,
         *,
         mirror: str | None = None,
+        tarball: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> dict[str, Any]:
         from cocon.images.bootstrap import bootstrap
@@ -350,6 +351,10 @@ class ImageOps:
             if not what.startswith("debian"):
                 raise InvalidRequest("--mirror only applies to debian images")
             kw["mirror"] = mirror
+        if tarball is not None:
+            if not what.startswith("debian"):
+                raise InvalidRequest("--tarball only applies to debian images")
+            kw["tarball"] = tarball
         try:
             image = bootstrap(self.e.images, what, **kw)
         except ImageError as exc:

@@ -73,11 +73,12 @@ async def bootstrap(request: web.Request) -> web.StreamResponse:
             f"cannot bootstrap {what!r}: cocon makes busybox (from the host) and debian[:SUITE]"
         )
     mirror = qstr(request, "mirror") or None
+    tarball = qstr(request, "tarball") or None
     ctx = ctx_of(request)
     stream = JSONStream(request, "application/x-ndjson")
 
     def work(engine: Engine, progress: Callable[[str, int, int], None]) -> dict[str, Any]:
-        return engine.imageops.image_bootstrap(what, mirror=mirror, progress=progress)
+        return engine.imageops.image_bootstrap(what, mirror=mirror, tarball=tarball, progress=progress)
 
     try:
         result = await pump(ctx, stream, work, status="Bootstrapping")
@@ -162,6 +163,13 @@ OPENAPI: dict[str, Any] = {
                         "required": False,
                         "schema": {"type": "string"},
                         "description": "Debian mirror URL (debian only)",
+                    },
+                    {
+                        "name": "tarball",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "a debootstrap --make-tarball file on the daemon's host (debian only)",
                     },
                 ],
                 "responses": {
