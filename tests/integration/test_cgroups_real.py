@@ -343,6 +343,36 @@ def test_attach_warm_up_thread_is_gone_after_wait() -> None:
     assert cgroups.start_attach_warm_up() is not unused
 
 
+def test_a_forked_child_never_writes_through_its_parents_warm_up(tmp_path: Path) -> None:
+    """The child inherits the early warm-up; once it has closed that fd and reused the number for a
+    file of its own (a bundle's config.json), waiting on the warm-up must not write a pid into it."""
+    from cocon.runtime import cgroups
+
+    early = cgroups.start_attach_warm_up(early=True)
+    target = tmp_path / "config.json"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd in range(3, 256):  # the child closes what it inherited, as spawners do
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            with open(target, "w") as f:  # takes the lowest free fd: the warm-up's old number
+                f.write("{}")
+                f.flush()
+                cgroups.start_attach_warm_up()()  # inherited early warm-up: must be left alone
+                early()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    early()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert target.read_text() == "{}"
+
+
 def test_kill_all_with_sigterm(lab: Lab) -> None:
     cg = lab.open()
     cg.create(None)

@@ -115,6 +115,7 @@ def cgroup_from_state(data: dict[str, object]) -> Cgroup:
 
 # A warm-up started by the command line as soon as it knows the command, for `create` to use.
 _early_warm_up: Callable[[], None] | None = None
+_early_owner = 0  # the pid that started it: a forked child must not use its parent's
 
 
 def start_attach_warm_up(*, early: bool = False) -> Callable[[], None]:
@@ -133,17 +134,20 @@ def start_attach_warm_up(*, early: bool = False) -> Callable[[], None]:
     call it before forking (and in any case: it also closes a file). Failures are ignored: this
     only changes timing.
     """
-    global _early_warm_up
+    global _early_warm_up, _early_owner
     if _early_warm_up is not None:
         started, _early_warm_up = _early_warm_up, None
-        return started
+        if _early_owner == os.getpid():
+            return started
+        # Inherited through fork: the thread and perhaps the file are the parent's; leave them alone.
     import _thread
 
     try:
         fd = _own_procs_file()
     except (OSError, ValueError):
         fd = -1
-    pid = str(os.getpid()).encode()
+    owner = os.getpid()
+    pid = str(owner).encode()
     gone: list[Any] = []  # the thread's sentinel lock, released when the thread is gone
 
     def move() -> None:
@@ -179,13 +183,17 @@ def start_attach_warm_up(*, early: bool = False) -> Callable[[], None]:
         global _early_warm_up
         if _early_warm_up is wait:  # started early, then not used: the command failed before
             _early_warm_up = None
+        if os.getpid() != owner:
+            # A forked child: the fd number may since have been closed and reused (a config.json
+            # being written, say); writing our pid there would corrupt it. The parent closes its own.
+            return
         if gone:
             gone.pop().acquire()
             move()
             os.close(fd)
 
     if early:
-        _early_warm_up = wait
+        _early_warm_up, _early_owner = wait, owner
     return wait
 
 
