@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import socket
     import ssl
     from collections.abc import Sequence
+    from typing import Any
 
 
 def _log() -> logging.Logger:
@@ -319,6 +320,53 @@ def _check_engine(root: str, run: str) -> None:
         engine.close()
 
 
+class _MonitorThread:
+    """cocon.engine.monitor.Monitor in a thread of its own, with an engine of its own (SQLite
+    connections belong to one thread): `restore()` (live-restore reconciliation: collect what ended
+    while no daemon ran, restart what the restart policies say) before the API serves, then the
+    monitor's loop until `stop()`."""
+
+    def __init__(self, root: str, run: str) -> None:
+        import threading
+
+        self.root, self.run = root, run
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.monitor: Any = None
+        self.thread = threading.Thread(target=self._main, name="cocon-monitor", daemon=True)
+
+    def _main(self) -> None:
+        from cocon.engine.engine import Engine
+        from cocon.engine.monitor import Monitor
+
+        engine = Engine(self.root, self.run)
+        try:
+            self.monitor = Monitor(engine)
+            try:
+                self.monitor.restore()
+            except Exception as exc:
+                _log().warning("live restore: %s", exc)
+            self.ready.set()
+            self.monitor.run_forever()
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+        finally:
+            engine.close()
+
+    def start(self) -> None:
+        self.thread.start()
+        self.ready.wait()
+        if self.error is not None:
+            raise DaemonError(f"cannot start the container monitor: {self.error}")
+
+    def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor._stop.set()
+        if self.thread.is_alive():
+            self.thread.join(30)
+
+
 async def serve(cfg: Config) -> None:
     """Run until SIGTERM/SIGINT. Raises DaemonError for a configuration that cannot work."""
     import asyncio
@@ -335,6 +383,7 @@ async def serve(cfg: Config) -> None:
     sockets: list[tuple[Listener, socket.socket]] = []
     runner: web.AppRunner | None = None
     ctx: Context | None = None
+    monitor: _MonitorThread | None = None
     notifier = Notifier()
     try:
         _check_engine(cfg.root, cfg.run)
@@ -345,6 +394,8 @@ async def serve(cfg: Config) -> None:
             else:
                 sockets.append((listener, tcp_listener(listener)))
         ctx = Context(cfg.root, cfg.run, workers=cfg.workers, max_upload=cfg.max_upload)
+        monitor = _MonitorThread(cfg.root, cfg.run)  # live restore, then restart policies, health checks
+        await asyncio.get_running_loop().run_in_executor(None, monitor.start)
         app = make_app(ctx, auth_token=token)
         runner = web.AppRunner(
             app,
@@ -369,6 +420,8 @@ async def serve(cfg: Config) -> None:
     finally:
         if runner is not None:
             await runner.cleanup()
+        if monitor is not None:
+            monitor.stop()
         if ctx is not None:
             ctx.close()
         for listener, sock in sockets:

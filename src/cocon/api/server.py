@@ -24,7 +24,7 @@ import time
 
 from aiohttp import web
 
-from cocon.api.docker import build, common, images, native, networks, system, volumes
+from cocon.api.docker import build, common, containers, exec, images, native, networks, system, volumes
 from cocon.api.docker.common import (
     API_VERSION,
     CTX_KEY,
@@ -141,5 +141,7 @@ def make_app(ctx: Context, *, auth_token: str | None = None) -> web.Application:
     build.register(app)
     volumes.register(app)
     networks.register(app)
+    containers.register(app)
+    exec.register(app)
     native.register(app)
     return app

@@ -400,8 +400,8 @@ class Supervisor:
             args += ["--log-size-max", str(max_size)]
         if terminal:
             args.append("-t")
-        if stdin:
-            args += ["-i", "--leave-stdin-open"]
+        if stdin:  # StdinOnce (docker run -i): the container's stdin ends with the attached client's
+            args += ["-i"] if rec.config["Create"].get("StdinOnce") else ["-i", "--leave-stdin-open"]
         import cocon
 
         env = {
