@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from cocon import _linux as linux
+from cocon._mountinfo import mounts_under as mounts_below
 from cocon.images import bootstrap as bootstrap_mod
-from cocon.images.bootstrap import STAGES, bootstrap, bootstrap_busybox, bootstrap_debian, mounts_below
+from cocon.images.bootstrap import STAGES, bootstrap, bootstrap_busybox, bootstrap_debian
 from cocon.images.errors import ImageError
 from cocon.images.store import Image, ImageStore
 from cocon.oci.image_spec import host_platform

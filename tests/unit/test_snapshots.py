@@ -412,7 +412,7 @@ def test_remove_tree_goes_deeper_than_recursion_and_never_follows_links(tmp_path
 
 
 def test_mountinfo_escapes(tmp_path: os.PathLike[str]) -> None:
-    from cocon.snapshots import mounts
+    from cocon import _mountinfo as mounts
 
     for path in ["/a b", "/tab\there", "/new\nline", "/back\\slash", "/back\\134literal", "/é"]:
         escaped = mounts._escape(path)

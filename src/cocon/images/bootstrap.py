@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cocon import _linux as linux
+from cocon._mountinfo import mounts_under
 from cocon.content import Writer
 from cocon.images.busybox import BusyboxMissing, find_static_busybox, make_rootfs
 from cocon.images.errors import ImageError
@@ -553,31 +554,13 @@ class DebootstrapProgress:
 
 # --- careful clean-up of work directories -------------------------------------------------------------
 
-_OCTAL = re.compile(rb"\\([0-7]{3})")
-
-
-def mounts_below(path: str) -> list[str]:
-    """Mount points at or below `path` (from /proc/self/mountinfo), deepest first."""
-    real = os.path.realpath(path)
-    prefix = real.rstrip("/") + "/"
-    found: set[str] = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) < 5:
-                continue
-            mp = os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4]))
-            if mp == real or mp.startswith(prefix):
-                found.add(mp)
-    return sorted(found, key=lambda p: (p.count("/"), p), reverse=True)
-
 
 def unmount_below(path: str) -> None:
     """Unmount everything mounted at or below `path` (debootstrap leaves proc, sys, devpts … when it
     fails), deepest first. The mount points come from mountinfo; one whose path now resolves
     elsewhere (a symlink put on the way) is refused, and the last component is never followed."""
     for _ in range(64):
-        points = mounts_below(path)
+        points = mounts_under(path)
         if not points:
             return
         for mp in points:
@@ -608,7 +591,7 @@ def remove_work_dir(path: str) -> None:
     if not os.path.lexists(path):
         return
     unmount_below(path)
-    left = mounts_below(path)
+    left = mounts_under(path)
     if left:
         raise ImageError(f"{', '.join(left)} still mounted: unmount by hand, then remove {path}")
     if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover - Linux always has the fd version
@@ -976,7 +959,7 @@ def bootstrap_debian(
             log.info("debootstrap %s took %.1f s", suite, time.monotonic() - started)
             _write_hint(hint_path, parser.packages)
             unmount_below(target)
-            if mounts_below(target):
+            if mounts_under(target):
                 raise ImageError(f"{target} still has mounts after debootstrap: unmount them by hand")
 
             _report(progress, "clean", 0, 1)

@@ -53,30 +53,3 @@ def disk_usage(path: str) -> int:
             except OSError:
                 continue
     return total
-
-
-def mountinfo_paths() -> list[str]:
-    """Every mount point of this mount namespace (unescaped), from /proc/self/mountinfo."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        lines = f.read().splitlines()
-    out = []
-    for line in lines:
-        fields = line.split(b" ")
-        if len(fields) > 4:
-            raw = fields[4]
-            if b"\\" in raw:
-                raw = (
-                    raw.replace(b"\\040", b" ")
-                    .replace(b"\\011", b"\t")
-                    .replace(b"\\012", b"\n")
-                    .replace(b"\\134", b"\\")
-                )
-            out.append(os.fsdecode(raw))
-    return out
-
-
-def mounted_under(path: str) -> list[str]:
-    """Mount points at or below `path` (resolved)."""
-    real = os.path.realpath(path)
-    prefix = real.rstrip("/") + "/"
-    return [p for p in mountinfo_paths() if p == real or p.startswith(prefix)]

@@ -28,8 +28,9 @@ import stat
 import time
 
 from cocon import _fastjson
+from cocon._mountinfo import mounts_under
 from cocon._typing import TYPE_CHECKING, record
-from cocon.storage.fsutil import disk_usage, mounted_under, remove_tree
+from cocon.storage.fsutil import disk_usage, remove_tree
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -284,7 +285,7 @@ class VolumeStore:
 
 # --- helpers ---------------------------------------------------------------------------------------
 def _refuse_if_mounted(path: str) -> None:
-    left = mounted_under(path)
+    left = mounts_under(path)
     if left:
         raise VolumeError(
             f"{', '.join(left)} is mounted under {path}: unmount it first (is a container still using it?)"

@@ -111,18 +111,14 @@ def _mem_total() -> int:
 
 
 def _fs_type(path: str) -> str:
-    """The file system that holds `path` (longest mount point prefix in /proc/self/mountinfo)."""
-    real = os.path.realpath(path)
-    best, fstype = "", "unknown"
+    """The file system that holds `path`, named as Docker names it."""
+    from cocon._mountinfo import filesystem_of
+
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                point = left.split()[4].replace("\\040", " ")
-                if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                    best, fstype = point, right.split()[0]
-    except (OSError, IndexError):
-        pass
+        entry = filesystem_of(path)
+    except OSError:
+        entry = None
+    fstype = entry.fstype if entry else "unknown"
     return {"ext4": "extfs", "ext3": "extfs", "ext2": "extfs"}.get(fstype, fstype)
 
 
