@@ -848,11 +848,15 @@ async def archive_get(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
             status=200, headers={"Content-Type": "application/x-tar", "X-Docker-Container-Path-Stat": header}
         )
+        response.content_length = os.path.getsize(tar_path)  # no chunked framing to finish
         await response.prepare(request)
-        with open(tar_path, "rb") as f:
-            while chunk := await ctx.run(f.read, 1 << 20):
-                await response.write(chunk)
-        await response.write_eof()
+        try:
+            with open(tar_path, "rb") as f:
+                while chunk := await ctx.run(f.read, 1 << 20):
+                    await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the client hung up (it may have read all it wanted): nothing to do
+            pass
         return response
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
