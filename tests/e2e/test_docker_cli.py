@@ -45,7 +45,7 @@ def docker(
 
 def test_version_and_info(daemon: Daemon) -> None:
     out = docker(daemon, "version").stdout
-    assert "Server: cocon" in out and "API version:      1.47 (minimum version 1.41)" in out
+    assert "Server: cocon" in out and "API version:      1.47 (minimum version 1.24)" in out
     assert "1.47 (downgraded from" in out  # the client negotiated down to the daemon's version
     fmt = docker(daemon, "version", "--format", "{{json .Server}}").stdout
     assert json.loads(fmt)["ApiVersion"] == "1.47"

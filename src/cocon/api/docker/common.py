@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-MIN_API = (1, 41)
+# Requests under /v1.24 ... /v1.40 (clients that pin an old version: docker-compose 1.29 with
+# COMPOSE_API_VERSION=1.38, the API version of compose files 3.8) are accepted and answered as 1.41,
+# the oldest version whose behaviour cocon implements: `api_version` never reports less than BASE_API.
+MIN_API = (1, 24)
+BASE_API = (1, 41)
 MAX_API = (1, 47)
 API_VERSION = f"{MAX_API[0]}.{MAX_API[1]}"
 MIN_API_VERSION = f"{MIN_API[0]}.{MIN_API[1]}"
@@ -118,12 +122,17 @@ def ctx_of(request: web.Request) -> Context:
 
 
 def api_version(request: web.Request) -> tuple[int, int]:
-    """The API version the client asked for in the path (`/v1.44/...`), else the newest."""
+    """The API version the client asked for in the path (`/v1.44/...`), else the newest; versions
+    older than 1.41 are answered as 1.41 (BASE_API)."""
     text = request.match_info.get("version")
     if not text:
         return MAX_API
     major, _, minor = text.partition(".")
-    return int(major), int(minor)
+    try:
+        version = int(major), int(minor)
+    except ValueError:
+        raise bad_request(f"invalid API version {text!r} in the path: use /v{API_VERSION}/...") from None
+    return max(version, BASE_API)
 
 
 # --- routes -------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ yet) connects to conmon's attach socket for each parked attach, so no output is 
 NetworkMode: the docker CLI sends "default" on every `docker run`. Until cocon has container
 networking, "default" and "bridge" are mapped to "none" with a line in the answer's Warnings (the
 CLI prints it): refusing them would make every plain `docker run` fail. "none" and "host" are
-honoured; any other network is refused (400).
+honoured. A user network (`--network NAME`, docker-compose's `PROJECT_default`) must exist; the
+container is recorded as its endpoint with the aliases of NetworkingConfig.EndpointsConfig
+(cocon.engine.networks) and also runs without a network, with the same warning: inspect shows the
+network and its aliases, but there is no connectivity yet.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from cocon.engine.errors import NotFound
 
 if TYPE_CHECKING:
     from cocon.engine.engine import Engine
+    from cocon.engine.networks import Endpoint, Network
 
 PENDING_KEY: web.AppKey[dict[str, list[asyncio.Future[socket.socket]]]] = web.AppKey("cocon_attach")
 
@@ -55,6 +59,7 @@ _CONFIG_FIELDS = {
     "StdinOnce", "Labels", "StopSignal", "StopTimeout", "Healthcheck", "Volumes", "HostConfig",
 }  # fmt: skip
 # Informational fields (what the client will attach to, ports to publish later, …): accepted as sent.
+# NetworkingConfig is checked by _check_networks.
 _INFO_FIELDS = {
     "AttachStdin",
     "AttachStdout",
@@ -63,13 +68,15 @@ _INFO_FIELDS = {
     "NetworkingConfig",
     "Domainname",
 }
+_BUILTIN_NETWORKS = ("default", "bridge", "none", "host")
 _HOST_FIELDS = {
     "AutoRemove", "Binds", "Tmpfs", "ReadonlyRootfs", "Memory", "MemorySwap", "NanoCpus", "PidsLimit",
     "CapAdd", "CapDrop", "SecurityOpt", "NetworkMode", "RestartPolicy", "LogConfig", "Isolation",
+    "ConsoleSize",
 }  # fmt: skip
 # HostConfig fields the docker CLI always sends, accepted with their neutral values only.
 _HOST_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "ConsoleSize": (), "CgroupnsMode": ("", "private", "host"), "IpcMode": ("", "private", "shareable"),
+    "CgroupnsMode": ("", "private", "host"), "IpcMode": ("", "private", "shareable"),
     "PidMode": ("",), "UTSMode": ("",), "UsernsMode": ("",), "Privileged": (False,),
     "PublishAllPorts": (False,), "OomKillDisable": (False,), "Init": (None,), "ShmSize": (0,),
     "MemorySwappiness": (-1,), "OomScoreAdj": (0,), "VolumeDriver": ("", "local"),
@@ -80,6 +87,64 @@ _LOG_DRIVERS = ("", "json-file", "k8s-file", "local")
 
 def _zero(value: Any) -> bool:
     return value in (None, "", 0, False, [], {}) or (isinstance(value, list) and not any(value))
+
+
+def _check_networks(body: dict[str, Any], mode: str) -> dict[str, list[str]]:
+    """NetworkingConfig.EndpointsConfig for the NetworkMode `mode` → {user network: aliases} to
+    record. Settings that need real networking are refused (cocon.api.docker.networks)."""
+    from cocon.api.docker.networks import endpoint_aliases
+
+    config = body.get("NetworkingConfig") or {}
+    if not isinstance(config, dict):
+        raise bad_request("NetworkingConfig must be a JSON object")
+    unknown = set(config) - {"EndpointsConfig"}
+    if unknown:
+        raise bad_request(f"NetworkingConfig: unknown field(s) {', '.join(sorted(unknown))}")
+    endpoints = config.get("EndpointsConfig") or {}
+    if not isinstance(endpoints, dict):
+        raise bad_request("NetworkingConfig.EndpointsConfig must be an object of network names")
+    out: dict[str, list[str]] = {}
+    if mode not in _BUILTIN_NETWORKS:
+        out[mode] = []
+    for name, settings in endpoints.items():
+        aliases = endpoint_aliases(settings, name)
+        if name in _BUILTIN_NETWORKS:
+            if name != mode and not (name in ("default", "bridge") and mode in ("default", "bridge")):
+                raise bad_request(
+                    f"NetworkingConfig names network {name!r}, but the container's network mode is {mode!r}"
+                )
+            if aliases:
+                raise bad_request("network-scoped aliases are supported only for containers in user networks")
+            continue
+        if mode in ("none", "host"):
+            raise bad_request(
+                f"container cannot be connected to network {name!r}: its network mode is {mode!r}"
+            )
+        if mode in ("default", "bridge"):
+            raise bad_request(
+                f"NetworkingConfig names network {name!r}: give it as the network mode (--network {name})"
+            )
+        out[name] = aliases
+    return out
+
+
+def _check_links(host: dict[str, Any], mode: str) -> list[str]:
+    """HostConfig.Links as "container:alias" entries. On a user network Docker keeps them as
+    network-scoped links (name resolution only; docker-compose's `run` sends them): recorded with
+    the endpoint. Legacy links on the default bridge do not exist in cocon: refused."""
+    links = host.get("Links") or []
+    if not isinstance(links, list) or not all(isinstance(x, str) and x for x in links):
+        raise bad_request("HostConfig.Links must be an array of 'container:alias' strings")
+    if links and mode in _BUILTIN_NETWORKS:
+        raise bad_request(
+            "HostConfig.Links: cocon has no legacy links; on a user network (--network NAME) links "
+            "are recorded as network-scoped aliases"
+        )
+    out = []
+    for link in links:
+        target, _, alias = link.partition(":")
+        out.append(f"{target.lstrip('/')}:{(alias or target).rsplit('/', 1)[-1]}")
+    return out
 
 
 def _check_create(body: Any, warnings: list[str]) -> dict[str, Any]:
@@ -109,8 +174,8 @@ def _check_host(host: dict[str, Any], body: dict[str, Any], warnings: list[str])
         if key in _HOST_FIELDS:
             if value is not None:
                 out[key] = value
-        elif key in ("Mounts", "CpuQuota", "CpuPeriod"):
-            continue
+        elif key in ("Mounts", "CpuQuota", "CpuPeriod", "Links"):
+            continue  # Links: _check_links
         elif key in _HOST_NEUTRAL:
             allowed = _HOST_NEUTRAL[key]
             if allowed and not _zero(value) and value not in allowed:
@@ -125,14 +190,16 @@ def _check_host(host: dict[str, Any], body: dict[str, Any], warnings: list[str])
     else:
         raise bad_request(f"unknown isolation {isolation!r}: use default, process or container")
     network = str(out.get("NetworkMode") or "default")
-    if network in ("default", "bridge"):
+    if network not in ("none", "host"):
+        if network.startswith("container:"):
+            raise bad_request(
+                f"network mode {network!r} is not supported yet: use --network none or --network host"
+            )
         out["NetworkMode"] = "none"
         warnings.append(
             f"network mode {network!r} is not available yet: the container runs without a network "
             "(as with --network none); use --network host for the host's network"
         )
-    elif network not in ("none", "host"):
-        raise bad_request(f"network {network!r} is not available yet: use --network none or --network host")
     log = out.get("LogConfig")
     if isinstance(log, dict):
         if str(log.get("Type") or "") not in _LOG_DRIVERS:
@@ -195,15 +262,45 @@ def _mount_to_binds(m: Any, host: dict[str, Any], body: dict[str, Any]) -> None:
 
 async def create(request: web.Request) -> web.StreamResponse:
     warnings: list[str] = []
-    body = _check_create(await json_body(request, required=True), warnings)
+    raw = await json_body(request, required=True)
+    body = _check_create(raw, warnings)
+    host = raw.get("HostConfig") or {}
+    mode = str(host.get("NetworkMode") or "default")
+    networks = _check_networks(raw, mode)
+    links = _check_links(host, mode)
     name = qstr(request, "name") or None
     platform = qstr(request, "platform") or ""
     if platform and platform not in ("linux", "linux/amd64", "linux/x86_64"):
         raise bad_request(f"platform {platform!r} is not supported: cocon runs linux/amd64 images")
 
     def work(e: Engine) -> dict[str, Any]:
+        from cocon.api.docker.networks import drop_stale
+
+        nets: dict[str, Network] = {}  # by ID: a network may be named by name and by ID
+        aliases: dict[str, list[str]] = {}
+        for n, names in networks.items():
+            net = e.networks.get(n)  # 404 for a network that does not exist
+            nets[net.id] = net
+            known = aliases.setdefault(net.id, [])
+            known += [a for a in dict.fromkeys(names) if a not in known]
+        mode_id = e.networks.get(mode).id if mode in networks else ""
+        for link in links:  # as dockerd: the linked container must exist
+            e.instances.get(link.partition(":")[0])
         doc = e.supervisor.create(body, name)
         rec = e.instances.get(doc["Id"])
+        try:
+            if nets:
+                drop_stale(e)
+            if mode_id:
+                e.networks.set_mode(rec.id, mode)
+            for net_id in nets:
+                e.networks.connect(
+                    net_id, rec.id, rec.name, aliases[net_id], links=links if net_id == mode_id else ()
+                )
+        except BaseException:
+            e.networks.forget_container(rec.id)
+            e.supervisor.remove(rec.id, force=True, volumes=True)
+            raise
         e.supervisor._event(rec, "create")
         return doc
 
@@ -376,7 +473,12 @@ async def remove(request: web.Request) -> web.StreamResponse:
     force, volumes = qbool(request, "force"), qbool(request, "v")
     if qbool(request, "link"):
         raise bad_request("links are not supported (cocon has no legacy links)")
-    await ctx_of(request).call(lambda e: e.supervisor.remove(ref, force=force, volumes=volumes))
+
+    def work(e: Engine) -> None:
+        cid = e.supervisor.remove(ref, force=force, volumes=volumes)
+        e.networks.forget_container(cid)
+
+    await ctx_of(request).call(work)
     return no_content()
 
 
@@ -386,7 +488,9 @@ LIST_FILTERS = ("status", "name", "id", "label", "ancestor", "exited", "health",
 _STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 
 
-def _list(e: Engine, all_: bool, limit: int, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+def _list(
+    e: Engine, all_: bool, limit: int, filters: dict[str, list[str]], version: tuple[int, int]
+) -> list[dict[str, Any]]:
     items = e.supervisor.ps(all=True)
     if not all_ and not filters.get("status") and limit <= 0:  # as dockerd: a limit implies all
         items = [i for i in items if i["State"] in ("running", "paused")]
@@ -441,12 +545,34 @@ def _list(e: Engine, all_: bool, limit: int, filters: dict[str, list[str]]) -> l
         items = keep
     if limit > 0:
         items = items[:limit]
+    endpoints: dict[str, list[Endpoint]] = {}
+    modes: dict[str, str] = {}
+    if items:
+        for ep in e.networks.endpoints():
+            endpoints.setdefault(ep.container_id, []).append(ep)
+        modes = e.networks.modes()
     for i in items:
         i.setdefault("Ports", [])
-        i.setdefault("HostConfig", {"NetworkMode": "none"})
-        i.setdefault("NetworkSettings", {"Networks": {}})
+        nets = _network_settings(endpoints.get(i["Id"], []), version)
+        i.setdefault("HostConfig", {"NetworkMode": modes.get(i["Id"]) or "none"})
+        i.setdefault("NetworkSettings", {"Networks": nets})
         i.setdefault("SizeRw", None)
     return items
+
+
+def _network_settings(endpoints: list[Endpoint], version: tuple[int, int]) -> dict[str, Any]:
+    """NetworkSettings.Networks from a container's endpoint records. Before API 1.45 Docker lists
+    the short ID among the aliases (docker-compose 1.29 looks for it), since then in DNSNames."""
+    nets: dict[str, Any] = {}
+    for ep in endpoints:
+        doc = ep.to_docker()
+        short = ep.container_id[:12]
+        if version < (1, 45):
+            doc["Aliases"] = [*ep.aliases, short] if short not in ep.aliases else list(ep.aliases)
+        else:
+            doc["DNSNames"] = list(dict.fromkeys([ep.container_name, short, *ep.aliases]))
+        nets[ep.network_name] = doc
+    return nets
 
 
 async def list_containers(request: web.Request) -> web.StreamResponse:
@@ -454,10 +580,10 @@ async def list_containers(request: web.Request) -> web.StreamResponse:
     all_ = qbool(request, "all")
     limit = qint(request, "limit", -1)
     qbool(request, "size")  # validated; SizeRw is reported as unknown (null)
-    return json_response(await ctx_of(request).call(_list, all_, limit, filters))
+    return json_response(await ctx_of(request).call(_list, all_, limit, filters, api_version(request)))
 
 
-def _inspect(e: Engine, ref: str) -> dict[str, Any]:
+def _inspect(e: Engine, ref: str, version: tuple[int, int]) -> dict[str, Any]:
     doc = e.supervisor.inspect(ref)
     rec = e.instances.get(doc["Id"])
     body = rec.config["Create"]
@@ -488,14 +614,18 @@ def _inspect(e: Engine, ref: str) -> dict[str, Any]:
     doc.setdefault("ProcessLabel", "")
     doc.setdefault("AppArmorProfile", "")
     doc.setdefault("ExecIDs", None)
-    doc.setdefault("NetworkSettings", {"Networks": {}, "Ports": {}})
+    nets = _network_settings(e.networks.endpoints(container_id=rec.id), version)
+    mode = e.networks.modes().get(rec.id)
+    if mode:
+        host["NetworkMode"] = mode
+    doc.setdefault("NetworkSettings", {"Networks": nets, "Ports": {}})
     doc["State"].setdefault("Restarting", False)
     return doc
 
 
 async def inspect(request: web.Request) -> web.StreamResponse:
     ref = request.match_info["id"]
-    return json_response(await ctx_of(request).call(_inspect, ref))
+    return json_response(await ctx_of(request).call(_inspect, ref, api_version(request)))
 
 
 # --- attach, resize, logs -----------------------------------------------------------------------------
@@ -566,10 +696,7 @@ async def attach(request: web.Request) -> web.StreamResponse:
 
     ref = request.match_info["id"]
     ctx = ctx_of(request)
-    if qbool(request, "logs"):
-        raise bad_request("attach with logs=1 is not supported yet: read the output so far with GET /logs")
-    if not qbool(request, "stream", True):
-        raise bad_request("attach without stream=1 is not supported: use GET /containers/{id}/logs")
+    replay, live = qbool(request, "logs"), qbool(request, "stream", True)
     stdin, stdout, stderr = qbool(request, "stdin"), qbool(request, "stdout"), qbool(request, "stderr")
     rec = await ctx.call(lambda e: e.instances.get(ref))
     body = rec.config["Create"]
@@ -577,12 +704,15 @@ async def attach(request: web.Request) -> web.StreamResponse:
     running = await ctx.call(lambda e: e.supervisor.running(rec.id))
     fut: asyncio.Future[socket.socket] | None = None
     sock: socket.socket | None = None
-    if running:
+    if live and running:
         sock = await ctx.call(lambda e: attach_mod.connect(e.supervisor.attach_socket(rec.id), rec.name))
-    else:
+    elif live:
         fut = asyncio.get_running_loop().create_future()
         _pending(request).setdefault(rec.id, []).append(fut)
     try:
+        # the log is read after the live stream is connected: nothing written in between is lost
+        # (a chunk written at that very moment may come twice, in the replay and live)
+        old = await ctx.call(_replay, rec.id, stdout, stderr, tty) if replay else []
         stream = await hijack(request, RAW if tty else MULTIPLEXED)
     except BaseException:
         if sock is not None:
@@ -590,6 +720,17 @@ async def attach(request: web.Request) -> web.StreamResponse:
         if fut is not None:
             fut.cancel()
         raise
+    if old:
+        # docker-py reads the 101 answer through a buffered file and then the raw socket: bytes that
+        # arrive together with the headers would be lost in that buffer. dockerd's replay comes
+        # later (it reads the log first); give the client that moment too.
+        await asyncio.sleep(0.05)
+    for chunk in old:
+        await stream.write(chunk)
+    if not live:
+        stream.close_write()
+        stream.close()
+        return stream.response
     if fut is not None:
         try:
             while not fut.done():  # what the client sends meanwhile stays queued in the stream
@@ -607,6 +748,19 @@ async def attach(request: web.Request) -> web.StreamResponse:
         stdin_once=bool(body.get("StdinOnce")) or not bool(body.get("OpenStdin")),
     )  # fmt: skip
     return stream.response
+
+
+def _replay(e: Engine, cid: str, stdout: bool, stderr: bool, tty: bool) -> list[bytes]:
+    """attach's logs=1: what the container wrote so far, framed as the attach stream frames it."""
+    from cocon.engine import logs as logs_mod
+
+    if not (stdout or stderr):
+        return []
+    _rec, files = e.supervisor.log_files(cid)
+    out = []
+    for stream_name, _t, _text, line in logs_mod.read_logs(files, stdout=stdout, stderr=stderr):
+        out.append(line if tty else frame(2 if stream_name == "stderr" else 1, line))
+    return out
 
 
 async def resize(request: web.Request) -> web.StreamResponse:
@@ -704,11 +858,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
                 break
             await response.write(item)
         await response.write_eof()
-    except (ConnectionError, RuntimeError, asyncio.CancelledError):
-        cancelled.set()
-        while not queue.empty():
-            queue.get_nowait()
-        raise
+    except (ConnectionError, RuntimeError):
+        pass  # the client went away (docker-compose logs -f stopped with ^C): the reader stops too
     finally:
         cancelled.set()
         while not queue.empty():
@@ -874,8 +1025,7 @@ async def archive_put(request: web.Request) -> web.StreamResponse:
     path = qstr(request, "path") or ""
     if not path:
         raise bad_request("PUT /containers/{id}/archive needs ?path=DIRECTORY in the container")
-    if qbool(request, "copyUIDGID"):
-        raise bad_request("copyUIDGID is not supported yet: copied files belong to root")
+    owned = qbool(request, "copyUIDGID")
     ctx = ctx_of(request)
     spooled = await spool_body(request, "archive")
     tmp = tempfile.mkdtemp(prefix="archive-", dir=tmp_dir(ctx))
@@ -890,13 +1040,109 @@ async def archive_put(request: web.Request) -> web.StreamResponse:
             return sorted(os.listdir(tmp))
 
         names = await ctx.run(unpack)
-        for n in names:
+        if owned:
+            await ctx.call(_copy_owned, ref, tmp, names, path)
+        for n in names if not owned else ():
             src = os.path.join(tmp, n)
             await ctx.call(lambda e, src=src: e.supervisor.copy(ref, src=src, path=path))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         os.unlink(spooled)
     return no_content(200)
+
+
+def _container_owner(e: Engine, user: str, image: str, rootfs: str) -> tuple[int, int]:
+    """(uid, gid) of the container's user: its User, else its image's, looked up in the container's
+    /etc/passwd and /etc/group (Docker's copyUIDGID); no user at all is root."""
+    import json
+
+    from cocon.isolation.spec import SpecError, resolve_user
+
+    if not user:
+        try:
+            user = str((json.loads(e.images.content.read(image)).get("config") or {}).get("User") or "")
+        except Exception as exc:
+            raise HTTPError(
+                500, f"cannot read the container's image config ({exc}): copy without copyUIDGID"
+            ) from None
+    if not user:
+        return 0, 0
+    try:
+        uid, gid, _extra, _home = resolve_user(rootfs, user)
+    except SpecError as exc:
+        raise bad_request(f"copyUIDGID: cannot find the container's user {user!r}: {exc}") from None
+    return uid, gid
+
+
+def _chown_tree(dir_fd: int, name: str, uid: int, gid: int) -> None:
+    """lchown `name` in `dir_fd` and everything under it, following no symlink."""
+    import os
+    import stat as st
+
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    if not st.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for child in os.listdir(fd):
+            _chown_tree(fd, child, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def _copy_owned(e: Engine, ref: str, tmp: str, names: list[str], path: str) -> None:
+    """PUT /archive with copyUIDGID=1: the unpacked `names` (in `tmp`) copied into the container's
+    directory `path` (cocon.engine.copy: resolved inside its root), then owned by the container's
+    user (Docker: "the primary uid/gid of the container's user", not the archive's). As
+    Supervisor.copy: a stopped container's root file system is mounted for the copy. The user is
+    resolved before anything is written."""
+    import os
+
+    from cocon import _fastjson
+    from cocon import _linux as L
+    from cocon.engine import copy as copy_mod
+    from cocon.engine.errors import Conflict
+
+    sup = e.supervisor
+    rec = e.instances.get(ref)
+    with sup.lock(rec.id):
+        rec = e.instances.get(rec.id)
+        running = sup.status(rec) in ("running", "paused")
+        if running:
+            try:
+                with open(os.path.join(sup.bundle(rec.id), "config.json"), "rb") as f:
+                    rootfs = str(_fastjson.loads(f.read())["root"]["path"])
+            except (OSError, ValueError, KeyError):
+                raise Conflict(
+                    f"container {rec.name} is running in the foreground: copy once it stopped"
+                ) from None
+        else:
+            rootfs = e.containers._mount(rec)
+        try:
+            uid, gid = _container_owner(e, str(rec.config["Create"].get("User") or ""), rec.image, rootfs)
+            root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                dir_fd = L.openat2(
+                    root_fd, path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                    L.RESOLVE_IN_ROOT | L.RESOLVE_NO_MAGICLINKS,
+                )  # fmt: skip
+            except FileNotFoundError:
+                raise NotFound(f"no such directory in the container: {path}") from None
+            except NotADirectoryError:
+                raise bad_request(f"{path} in the container is not a directory") from None
+            except OSError as exc:
+                raise bad_request(f"cannot open {path} in the container: {exc.strerror}") from None
+            finally:
+                os.close(root_fd)
+            try:
+                for n in names:
+                    copy_mod.copy_to(rootfs, os.path.join(tmp, n), path)
+                    _chown_tree(dir_fd, n, uid, gid)
+            finally:
+                os.close(dir_fd)
+        finally:
+            if not running:
+                e.containers._unmount(rec)
 
 
 def register(app: web.Application) -> None:
