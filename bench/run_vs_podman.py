@@ -7,8 +7,11 @@ by cocon, saved as an OCI archive and loaded into podman, so both run the same l
 no network, and the ulimits this host needs. Runs alternate, N each (default 30, at least 20), after
 warm-up runs; prints both medians and the ratio cocon/podman (target <= 0.33).
 
-`--breakdown` also runs one container in this process with timers around the engine's phases, to show
-where cocon's time goes.
+`cocon` goes through the node daemon (started by the first command, as for a user), and the docker CLI
+is timed beside it against the same daemon's socket (`docker run --rm`: create, attach, wait, start).
+
+`--breakdown` also times the daemon's requests of one `run --rm` (medians of 8), to show where
+cocon's time goes.
 
 Run as root:  .venv/bin/python bench/run_vs_podman.py [--runs N] [--breakdown]
 """
@@ -55,52 +58,46 @@ def unmount_below(path: str) -> None:
         subprocess.run(["umount", "-l", p], check=False, capture_output=True)
 
 
-BREAKDOWN = r"""
-import os, sys, time
-t0 = time.perf_counter()
-sys.path.insert(0, SRC)
-sys.path.append("/usr/lib/python3/dist-packages")
-marks = []
-def mark(label, took=None):
-    marks.append((label, time.perf_counter(), took))
-from cocon.cli import run as runmod
-from cocon.api.local import LocalClient
-mark("imports: cli + api")
-import cocon.engine.instances as I, cocon.isolation.container as IC
-mark("imports: engine + container driver (_sqlite3, ctypes)")
-import cocon.images.store as IS, cocon.snapshots.overlay as SO, cocon.isolation.spec
-mark("imports: image store, snapshotter, runtime config")
-import cocon.runtime.container
-mark("imports: runtime")
-def wrap(owner, name, label):
-    f = getattr(owner, name)
-    def timed(*a, **k):
-        t = time.perf_counter()
+def stop_daemon(run_dir: str) -> None:
+    """SIGTERM to the daemon the first `cocon` command started, and wait for it to go."""
+    try:
+        with open(os.path.join(run_dir, "cocon.pid")) as f:
+            pid = int(f.read().split()[0])
+        os.kill(pid, 15)
+    except (OSError, ValueError, IndexError):
+        return
+    for _ in range(200):
         try:
-            return f(*a, **k)
-        finally:
-            mark(label, time.perf_counter() - t)
-    setattr(owner, name, timed)
-for owner, name, label in [
-    (IS.ImageStore, "resolve", "image lookup (images.db, manifest, config)"),
-    (I.InstanceStore, "_conn", "open instances.db"), (I.InstanceStore, "insert", "record insert"),
-    (SO.OverlaySnapshotter, "prepare", "snapshot prepare"), (SO.OverlaySnapshotter, "mount", "overlay mount"),
-    (IC.ContainerDriver, "config_for", "runtime config (cocon.isolation.spec)"),
-    (cocon.runtime.container.Runtime, "create", "runtime create (fork, namespaces, mounts, ...)"),
-    (cocon.runtime.container.Runtime, "start", "runtime start"),
-    (I.InstanceStore, "update", "record update"), (IC.ContainerDriver, "wait", "process runs (wait)"),
-    (cocon.runtime.container.Runtime, "delete", "runtime delete (cgroup)"),
-    (SO.OverlaySnapshotter, "remove", "unmount + delete snapshot"),
-    (I.InstanceStore, "delete", "record delete"),
-]:
-    wrap(owner, name, label)
-code = runmod.main(["--rm", "busybox", "/bin/true"])
-mark("done")
-for label, t, took in marks:
-    extra = f"  ({took * 1000:5.2f} ms)" if took is not None else ""
-    print(f"  {(t - t0) * 1000:7.2f} ms  {label}{extra}")
-sys.stdout.flush()
-os._exit(code)
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)
+
+
+BREAKDOWN = r"""
+import sys, time
+sys.path.insert(0, SRC)
+from cocon.api.http_client import HTTPClient
+from cocon.api.http_containers import _path
+c = HTTPClient()
+body = {"Image": "busybox", "Cmd": ["/bin/true"], "HostConfig": {"NetworkMode": "none", "AutoRemove": True}}
+rows = []
+for i in range(8):
+    t = [time.perf_counter()]
+    cid = c.container_create(body)["Id"]; t.append(time.perf_counter())
+    att = c._hijack(_path(cid, "attach"), [("stream", "1"), ("stdout", "1"), ("stderr", "1")])
+    t.append(time.perf_counter())
+    wait = c.request("POST", _path(cid, "wait"), [("condition", "removed")]); t.append(time.perf_counter())
+    c._start(cid); t.append(time.perf_counter())
+    while att.resp.sock.recv(65536):
+        pass
+    t.append(time.perf_counter())
+    wait.read(); t.append(time.perf_counter())
+    rows.append([b - a for a, b in zip(t, t[1:])])
+labels = ["create", "attach (upgrade)", "wait (headers)", "start (conmon + runtime create + start)",
+          "output until the stream ends", "wait: exit code, clean-up, removal"]
+for k, label in enumerate(labels):
+    print(f"  {sorted(r[k] for r in rows)[len(rows) // 2] * 1000:7.2f} ms  {label}")
 """
 
 
@@ -109,9 +106,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="runs per tool (default 30, at least 20)")
     parser.add_argument("--breakdown", action="store_true", help="also time cocon's phases in-process")
     args = parser.parse_args()
-    podman = shutil.which("podman")
+    podman, docker = shutil.which("podman"), shutil.which("docker")
     if podman is None or not shutil.which("runc"):
         raise SystemExit("podman and runc are needed: run `make setup`")
+    if docker is None:
+        raise SystemExit("the docker CLI is needed (a client only) for the side-by-side run")
     # what setup.sh does: byte-code for every module (PYTHONDONTWRITEBYTECODE may be set here)
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.abspath(SRC)], check=True,
                    capture_output=True)  # fmt: skip
@@ -140,7 +139,9 @@ def main() -> int:
         podman_image = images[0] if images else "busybox"
         cocon_id = sh([COCON, "images", "-q", "--no-trunc"], env).stdout.split()[0]
         tools = {
-            "cocon": [COCON, "run", "--rm", "busybox", "/bin/true"],
+            "cocon": [COCON, "run", "--rm", "--network", "none", "busybox", "/bin/true"],
+            "docker": [docker, "-H", f"unix://{env['COCON_RUN']}/cocon.sock", "run", "--rm", "--network",
+                       "none", "busybox", "/bin/true"],
             "podman": [*pod, "run", "--rm", "--runtime", "runc", "--network", "none", "--ulimit",
                        "nofile=1024:1024", "--ulimit", "nproc=1024:1024", podman_image, "/bin/true"],
         }  # fmt: skip
@@ -157,8 +158,9 @@ def main() -> int:
         for name in tools:
             print(f"{name:>7}: median {med[name]:7.2f} ms   (min {min(times[name]) * 1000:6.2f} ms)")
         print(f"ratio cocon/podman: {med['cocon'] / med['podman']:.2f}  (target <= 0.33)")
+        print(f"ratio docker-through-cocon/podman: {med['docker'] / med['podman']:.2f}")
         if args.breakdown:
-            print("where cocon's time goes (one run, in-process, after interpreter start-up):")
+            print("where the daemon's time goes (requests of one `run --rm`, medians of 8):")
             code = BREAKDOWN.replace("SRC", repr(os.path.abspath(SRC)), 1)
             out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True)
             print(out.stdout, end="")
@@ -173,6 +175,7 @@ def main() -> int:
         subprocess.run([*pod, "system", "reset", "-f"], capture_output=True, check=False)
         subprocess.run([COCON, "rm", "-f", *sh([COCON, "ps", "-aq"], env, check=False).stdout.split()],
                        env=env, capture_output=True, check=False)  # fmt: skip
+        stop_daemon(env["COCON_RUN"])
         for d in (base, run_base):
             unmount_below(d)
             shutil.rmtree(d, ignore_errors=True)

@@ -27,6 +27,27 @@ def cgroup_dirs() -> set[str]:
     return set(glob.glob("/sys/fs/cgroup/*/cocon/*/")) | set(glob.glob("/sys/fs/cgroup/cocon/*/"))
 
 
+def leaked_cgroups(before: set[str]) -> list[str]:
+    """Container cgroups made since `before` that are empty and stay (a second look after a moment):
+    what a test left. A live container of a test running beside this one is not empty, and one
+    being torn down is gone a moment later, so parallel runs do not count as leaks."""
+    import time
+
+    new = cgroup_dirs() - before
+    if not new:
+        return []
+    time.sleep(1.0)
+    return sorted(d for d in new & cgroup_dirs() if _cgroup_empty(d))
+
+
+def _cgroup_empty(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return not f.read().strip()
+    except OSError:
+        return False
+
+
 def mounts_under(path: str) -> list[str]:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
@@ -124,7 +145,9 @@ class CoconEnv:
         return proc
 
     def leftovers(self) -> list[str]:
-        """What is left that should not be: mounts, active snapshots, runtime states, bundles."""
+        """What is left that should not be: mounts, active snapshots, runtime states, bundles. Stops
+        the daemon first (the next command starts it again): its pre-started runtime is no leak."""
+        self.stop_daemon()
         found = [f"mount {m}" for m in mounts_under(self.root) + mounts_under(self.run)]
         active = os.path.join(self.root, "snapshots", "overlayfs", "active")
         if os.path.isdir(active):
@@ -135,13 +158,49 @@ class CoconEnv:
                 found += [f"{sub} {n}" for n in os.listdir(d) if not n.startswith(".")]
         return found
 
+    def stop_daemon(self) -> None:
+        """Stop the daemon the first command started (SIGTERM; SIGKILL after 20 s)."""
+        stop_daemon(self.run)
+
     def force_cleanup(self) -> None:
-        """Remove every container through cocon, then whatever is still mounted."""
-        ids = self("ps", "-aq", "--no-trunc", check=False).stdout.split()
-        if ids:
-            self("rm", "-f", *ids, check=False)
+        """Remove every container through cocon, stop the daemon, then unmount whatever is left."""
+        if os.path.exists(os.path.join(self.run, "cocon.sock")):
+            ids = self("ps", "-aq", "--no-trunc", check=False).stdout.split()
+            if ids:
+                self("rm", "-f", *ids, check=False)
+        self.stop_daemon()
         unmount_all(self.run)
         unmount_all(self.root)
+
+
+def stop_daemon(run_dir: str, timeout: float = 20.0) -> None:
+    """SIGTERM to the daemon of `run_dir` (its pid file), SIGKILL if it is still there after `timeout`."""
+    import signal
+    import time
+
+    try:
+        with open(os.path.join(run_dir, "cocon.pid")) as f:
+            pid = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
+            return
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def cocon_env_fixture(tmp_path: Any) -> Iterator[CoconEnv]:
@@ -154,13 +213,14 @@ def cocon_env_fixture(tmp_path: Any) -> Iterator[CoconEnv]:
     env = CoconEnv(root=root, run=run)
     try:
         yield env
+        env.stop_daemon()  # its pre-started runtime goes with it; what remains is a leak
         left = env.leftovers()
-        leaked = sorted(cgroup_dirs() - before)
+        leaked = leaked_cgroups(before)
         assert left == [], f"left behind: {left}"
         assert leaked == [], f"cgroups left behind: {leaked}"
     finally:
         env.force_cleanup()
-        for d in cgroup_dirs() - before:
+        for d in leaked_cgroups(before):
             remove_cgroup(d)
         unmount_all(run)
         shutil.rmtree(run, ignore_errors=True)

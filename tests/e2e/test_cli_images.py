@@ -62,7 +62,7 @@ def test_tag_inspect_history_and_rmi(cocon_env: CoconEnv) -> None:
     assert p.returncode == 1 and "several names" in p.stderr
     assert cocon_env("rmi", "mine/box:1").stdout == "Untagged: mine/box:1\n"
     p = cocon_env("image", "inspect", "mine/box:1", "busybox", check=False)
-    assert p.returncode == 1 and "no image 'mine/box:1'" in p.stderr
+    assert p.returncode == 1 and "No such image: mine/box:1" in p.stderr and "cocon build" in p.stderr
     assert len(json.loads(p.stdout)) == 1
 
 

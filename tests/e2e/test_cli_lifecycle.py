@@ -44,6 +44,7 @@ def cocon_env(tmp_path: Any) -> Iterator[CoconEnv]:
         ids = env("ps", "-aq", "--no-trunc").stdout.split()
         if ids:
             env("rm", "-f", *ids)
+        env.stop_daemon()  # with its pre-started runtime: what remains is a leak
         deadline = time.monotonic() + 10
         while conmons(env.run) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -21,7 +21,8 @@ from daemon_helpers import DOCKER, Daemon, cleanup, start_daemon
 
 
 def conmons_of(run: str) -> list[int]:
-    """The conmon processes supervising containers of the daemon whose run directory is `run`."""
+    """The conmon processes supervising containers of the daemon whose run directory is `run` (not
+    the daemon's pre-started one, which waits with `--await` for a container to be asked for)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -32,8 +33,26 @@ def conmons_of(run: str) -> list[int]:
         except OSError:
             continue
         if argv and argv[0].endswith(b"conmon") and any(run.encode() in a for a in argv):
-            pids.append(int(entry))
+            if not _awaiting(int(entry)):
+                pids.append(int(entry))
     return pids
+
+
+def _awaiting(conmon: int) -> bool:
+    """Whether this conmon's runtime still waits for its container (`cocon-runtime --await`)."""
+    try:
+        with open(f"/proc/{conmon}/task/{conmon}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return False
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"--await" in f.read().split(b"\0"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def remove_all(d: Daemon) -> None:

@@ -17,7 +17,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from cli_helpers import cgroup_dirs, mounts_under, new_root_with_busybox, remove_cgroup, unmount_all
+from cli_helpers import (
+    cgroup_dirs,
+    leaked_cgroups,
+    mounts_under,
+    new_root_with_busybox,
+    remove_cgroup,
+    unmount_all,
+)
 from cocon.engine.engine import Engine
 from cocon.engine.errors import Conflict, InvalidRequest, NotFound, StartFailed
 from cocon.images.busybox import make_rootfs
@@ -40,7 +47,7 @@ def engine(tmp_path: Any) -> Iterator[Engine]:
         active = os.path.join(root, "snapshots", "overlayfs", "active")
         assert os.listdir(active) == [], "snapshots left behind"
         assert mounts_under(root) == [] and mounts_under(run) == [], "mounts left behind"
-        assert sorted(cgroup_dirs() - before) == [], "cgroups left behind"
+        assert leaked_cgroups(before) == [], "cgroups left behind"
         runtime = os.path.join(run, "runtime")
         assert not os.path.isdir(runtime) or [n for n in os.listdir(runtime) if not n.startswith(".")] == []
     finally:
@@ -52,7 +59,7 @@ def engine(tmp_path: Any) -> Iterator[Engine]:
         eng.close()
         unmount_all(run)
         unmount_all(root)
-        for d in cgroup_dirs() - before:
+        for d in leaked_cgroups(before):
             remove_cgroup(d)
         shutil.rmtree(run, ignore_errors=True)
 

@@ -48,6 +48,9 @@ class Attachment:
 
     direct: bool
     fd: int  # -1 when direct
+    multiplexed: bool = False  # Docker's framed stdout/stderr (no TTY) rather than raw bytes
+    is_socket: bool = False  # a connection (half-closed when our input ends) rather than a pty
+    initial: bytes = b""  # output that arrived with the connection's headers, to write first
 
 
 class Client:

@@ -320,6 +320,22 @@ def _check_engine(root: str, run: str) -> None:
         engine.close()
 
 
+def _start_prestart(cfg: Config) -> None:
+    """Cancel the pre-started runtimes a killed daemon left, then keep one ready
+    (cocon.engine.prestart)."""
+    from cocon.engine import prestart
+    from cocon.engine.engine import Engine
+
+    engine = Engine(cfg.root, cfg.run)
+    try:
+        left = prestart.cancel_leftovers(engine)
+        if left:
+            _log().info("cancelled %d pre-started runtime(s) left by an earlier daemon", left)
+    finally:
+        engine.close()
+    prestart.enable(cfg.root, cfg.run)
+
+
 class _MonitorThread:
     """cocon.engine.monitor.Monitor in a thread of its own, with an engine of its own (SQLite
     connections belong to one thread): `restore()` (live-restore reconciliation: collect what ended
@@ -396,6 +412,7 @@ async def serve(cfg: Config) -> None:
         ctx = Context(cfg.root, cfg.run, workers=cfg.workers, max_upload=cfg.max_upload)
         monitor = _MonitorThread(cfg.root, cfg.run)  # live restore, then restart policies, health checks
         await asyncio.get_running_loop().run_in_executor(None, monitor.start)
+        await asyncio.get_running_loop().run_in_executor(None, _start_prestart, cfg)
         app = make_app(ctx, auth_token=token)
         runner = web.AppRunner(
             app,
@@ -422,6 +439,9 @@ async def serve(cfg: Config) -> None:
             await runner.cleanup()
         if monitor is not None:
             monitor.stop()
+        from cocon.engine import prestart
+
+        prestart.disable(cfg.run)  # cancels the pre-started runtimes nobody used
         if ctx is not None:
             ctx.close()
         for listener, sock in sockets:

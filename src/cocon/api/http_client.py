@@ -1,8 +1,8 @@
 """`HTTPClient`: the client interface (cocon.api.client.Client) over HTTP to the node daemon's Unix
 socket, and `ensure_daemon()`, which starts that daemon when it is not running.
 
-Images, volumes and system requests are implemented; container requests raise NotImplementedError
-until the daemon has container routes (the CLI still uses LocalClient for everything).
+Images, volumes and system requests are here; container and exec requests are mixed in from
+cocon.api.http_containers (hijacked attach/exec connections are relayed by cocon.api.stream_relay).
 
 Why not http.client: it imports `ssl` and `email` (~15 ms here), more than everything else the
 CLI's fast path loads. This module speaks just enough HTTP/1.1 over `_socket` (one connection per
@@ -17,7 +17,8 @@ import os
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING
-from cocon.api.client import APIError, Client
+from cocon.api.client import APIError
+from cocon.api.http_containers import ContainerRequests
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -154,12 +155,16 @@ class Response:
         self.sock.close()
 
 
-class HTTPClient(Client):
+class HTTPClient(ContainerRequests):
     """Requests to the daemon at `socket_path` (default `$COCON_RUN/cocon.sock`)."""
 
-    def __init__(self, socket_path: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(
+        self, socket_path: str | None = None, *, timeout: float | None = None, autostart: bool = False
+    ) -> None:
         self.socket_path = socket_path or default_socket()
         self.timeout = timeout
+        self.autostart = autostart  # start a daemon when none answers (default_client)
+        self._init_containers()
 
     # --- transport ---------------------------------------------------------------------------------
     def request(
@@ -172,16 +177,24 @@ class HTTPClient(Client):
         upload: str | None = None,
         content_type: str = "application/json",
         progress: Progress | None = None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> Response:
-        """Send one request; `upload` streams a file as the body. Raises APIError for a status >= 400
-        (with the daemon's message) and when the daemon cannot be reached."""
+        """Send one request; `upload` streams a file as the body; `headers` replace `Connection: close`
+        when they name a Connection (an upgrade). Raises APIError for a status >= 400 (with the
+        daemon's message) and when the daemon cannot be reached."""
         target = path + ("?" + query_string(params) if params else "")
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             if self.timeout is not None:
                 sock.settimeout(self.timeout)
             try:
-                sock.connect(self.socket_path)
+                try:
+                    sock.connect(self.socket_path)
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if not self.autostart:
+                        raise
+                    ensure_daemon(os.path.dirname(self.socket_path))
+                    sock.connect(self.socket_path)
             except OSError as exc:
                 raise APIError(
                     f"cannot reach the cocon daemon at unix://{self.socket_path} ({exc.strerror or exc}): "
@@ -189,10 +202,11 @@ class HTTPClient(Client):
                     500,
                 ) from None
             size = len(body) if body is not None else (os.path.getsize(upload) if upload else 0)
-            head = (
-                f"{method} {target} HTTP/1.1\r\nHost: cocon\r\nUser-Agent: cocon-cli\r\nConnection: close\r\n"
-            )
-            if body is not None or upload is not None:
+            head = f"{method} {target} HTTP/1.1\r\nHost: cocon\r\nUser-Agent: cocon-cli\r\n"
+            head += "".join(f"{k}: {v}\r\n" for k, v in headers)
+            if not any(k.lower() == "connection" for k, _ in headers):
+                head += "Connection: close\r\n"
+            if body is not None or upload is not None or method in ("POST", "PUT"):
                 head += f"Content-Type: {content_type}\r\nContent-Length: {size}\r\n"
             try:
                 sock.sendall((head + "\r\n").encode())
@@ -623,6 +637,21 @@ def _unpack_into(archive: str, dest: str) -> None:
 
 
 # --- starting the daemon -----------------------------------------------------------------------------
+
+
+def default_client() -> HTTPClient:
+    """The CLI's client: `$COCON_HOST` (`unix://PATH`) when set, else the daemon of `$COCON_RUN`,
+    started on the first request when none answers there (nothing to configure)."""
+    host = os.environ.get("COCON_HOST")
+    if host:
+        if not host.startswith("unix://"):
+            raise APIError(
+                f"COCON_HOST={host}: the cocon command speaks to a daemon on a Unix socket only "
+                "(unix:///PATH); use a Docker client with TLS for a daemon on TCP",
+                400,
+            )
+        return HTTPClient(host[len("unix://") :])
+    return HTTPClient(default_socket(), autostart=True)
 
 
 def ensure_daemon(run_dir: str | None = None, *, root: str | None = None, timeout: float = 5.0) -> str:

@@ -3,8 +3,9 @@
 `cocon run` goes straight to `cocon.cli.run` (its own lean flag parser); every other command is an
 argparse subcommand defined by its group's module (containers, images, volumes, build).
 
-The CLI only talks to `cocon.api.client.Client`; today that is `LocalClient`, the engine in this
-process, later an HTTP client of the node daemon.
+The CLI only talks to `cocon.api.client.Client`: `HTTPClient`, requests to the node daemon on its
+Unix socket (`$COCON_RUN/cocon.sock`, or `$COCON_HOST=unix://PATH`), which the first request starts
+when no daemon answers there (cocon.api.http_client.default_client).
 
 Exit codes: 0 success; 1 the operation failed (the error is printed as one line,
 `cocon: error: …`); 2 bad usage; `cocon run` exits like `docker run` (the process's status,
@@ -86,9 +87,9 @@ def main(argv: Sequence[str] | None = None, client: Client | None = None) -> int
     from cocon.cli.output import error
 
     if client is None:
-        from cocon.api.local import LocalClient
+        from cocon.api.http_client import default_client
 
-        client = LocalClient()
+        client = default_client()
     try:
         code: int = args.func(client, args)
         return code

@@ -3,7 +3,8 @@ with its status.
 
 This is the hot path of the whole command line, so it is lean: the flags are parsed by hand from one
 table (which also generates `cocon run --help` with argparse, only when asked), nothing imports
-`rich`, `argparse`, `json` or `typing` at run time, and the client is the in-process engine.
+`rich`, `argparse`, `json` or `typing` at run time, and the client speaks HTTP to the node daemon
+over its Unix socket with a few hundred lines of its own (cocon.api.http_client).
 
 Exit status, as `docker run`: the process's own status; 128+N when it was killed by signal N; 125
 when cocon itself fails (bad flags, no such image, …); 126 when the command cannot be executed;
@@ -22,7 +23,7 @@ from cocon._typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from argparse import ArgumentParser
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
     from typing import Any
 
     from cocon.api.client import Client
@@ -402,8 +403,15 @@ def build_request(opts: RunOptions, environ: Mapping[str, str]) -> tuple[dict[st
         host["SecurityOpt"] = [_security_opt(o) for o in opts.security_opt]
     if opts.isolation is not None:
         host["Isolation"] = opts.isolation
-    if opts.network is not None:
-        host["NetworkMode"] = opts.network
+    host["NetworkMode"] = opts.network or "none"  # cocon's default until bridged networks exist
+    if opts.tty:
+        for fd in (0, 1):  # the terminal's size from the first instant (docker's ConsoleSize)
+            try:
+                cols, rows = os.get_terminal_size(fd)
+            except OSError:
+                continue
+            host["ConsoleSize"] = [rows, cols]
+            break
     if opts.detach or opts.restart or opts.stop_signal or opts.stop_timeout or opts.log_opt:
         _lifecycle_request(opts, body, host)
     health = (opts.health_cmd, opts.no_healthcheck, opts.health_interval, opts.health_retries,
@@ -554,68 +562,6 @@ class SignalProxy:
             _signal.signal(sig, handler)
 
 
-def relay(fd: int, *, stdin: bool, resize: Callable[[int, int], None]) -> None:
-    """Copy the container's terminal to our stdout and (with `stdin`) our input to it, our terminal
-    in raw mode; follow our window's size. Returns when the container's side closes."""
-    import select
-    import signal
-    import termios
-    import tty
-
-    tty_in = stdin and os.isatty(0)
-    saved = termios.tcgetattr(0) if tty_in else None
-    size_fd = 0 if os.isatty(0) else 1 if os.isatty(1) else -1
-
-    def follow_size(*_: object) -> None:
-        if size_fd >= 0:
-            try:
-                cols, rows = os.get_terminal_size(size_fd)
-                resize(rows, cols)
-            except OSError:
-                pass
-
-    old_winch = signal.signal(signal.SIGWINCH, follow_size)
-    follow_size()
-    inputs = [fd, 0] if stdin else [fd]
-    try:
-        if tty_in:
-            tty.setraw(0)
-        while True:
-            try:
-                ready, _, _ = select.select(inputs, [], [])
-            except InterruptedError:
-                continue
-            if fd in ready:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    break
-                _write_all(1, data)
-            if 0 in ready:
-                data = os.read(0, 65536)
-                if not data:
-                    inputs.remove(0)
-                    _write_all(fd, b"\x04")  # end of input, as a terminal sends it
-                else:
-                    try:
-                        _write_all(fd, data)
-                    except OSError:
-                        break
-    finally:
-        if saved is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-        signal.signal(signal.SIGWINCH, old_winch)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def _error(message: str) -> None:
     os.write(2, f"cocon: error: {' '.join(str(message).splitlines())}\n".encode())
 
@@ -648,10 +594,15 @@ def run(client: Client, opts: RunOptions, environ: Mapping[str, str] | None = No
             return exc.exit_code or 125
         proxy.arm()
         if not attachment.direct:
+            from cocon.api.stream_relay import relay
+
             relay(
                 attachment.fd,
                 stdin=opts.interactive,
                 resize=lambda rows, cols: client.container_resize(cid, rows, cols),
+                multiplexed=attachment.multiplexed,
+                is_socket=attachment.is_socket,
+                initial=attachment.initial,
             )
         try:
             status: int = client.container_wait(cid)["StatusCode"]
@@ -706,9 +657,9 @@ def main(argv: Sequence[str], client: Client | None = None, *, command: str = "r
         _error(f"{exc} (see 'cocon run --help')")
         return 125
     if client is None:
-        from cocon.api.local import LocalClient
+        from cocon.api.http_client import default_client
 
-        client = LocalClient()
+        client = default_client()
     if command == "create":
         return create(client, opts)
     return run(client, opts)

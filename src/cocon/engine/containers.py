@@ -167,8 +167,12 @@ class Containers:
         return "dead"
 
     # --- create ------------------------------------------------------------------------------------
-    def create(self, body: dict[str, Any], name: str | None = None) -> dict[str, Any]:
-        """`POST /containers/create`: returns {"Id", "Warnings"}."""
+    def create(
+        self, body: dict[str, Any], name: str | None = None, *, warm_up: bool = True, cid: str | None = None
+    ) -> dict[str, Any]:
+        """`POST /containers/create`: returns {"Id", "Warnings"}. `warm_up`: start the driver's cgroup
+        warm-up for an in-process start right after (a start under a supervisor forks it instead);
+        `cid`: the ID to use (one a pre-started runtime waits for, cocon.engine.prestart)."""
         from cocon.isolation.base import IsolationError, normalize_isolation
 
         if not isinstance(body, dict):
@@ -184,16 +188,18 @@ class Containers:
         except IsolationError as exc:
             raise InvalidRequest(str(exc)) from None
         driver = self.e.driver(isolation)  # refuses levels that do not exist yet
-        driver.warm_up()  # overlaps slow kernel work with what follows; the driver's create uses it
+        if warm_up:
+            driver.warm_up()  # overlaps slow kernel work with what follows; the driver's create uses it
         try:
-            return self._create(body, name, image_ref, host, isolation)
+            return self._create(body, name, image_ref, host, isolation, cid)
         except BaseException:
             driver.settle()
             raise
 
     def _create(
-        self, body: dict[str, Any], name: str | None, image_ref: str, host: dict[str, Any], isolation: str
-    ) -> dict[str, Any]:
+        self, body: dict[str, Any], name: str | None, image_ref: str, host: dict[str, Any], isolation: str,
+        cid: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         from cocon.engine.instances import InstanceRecord
 
         warnings: list[str] = []
@@ -221,7 +227,7 @@ class Containers:
             raise InvalidRequest(
                 "no command specified: the image has no CMD or ENTRYPOINT; give one after the image"
             )
-        cid = os.urandom(32).hex()
+        cid = cid or os.urandom(32).hex()
         hostname = str(body.get("Hostname") or cid[:12])
         if len(hostname) > 63 or not _HOSTNAME_CHARS.issuperset(hostname) or hostname[0] in ".-":
             raise InvalidRequest(

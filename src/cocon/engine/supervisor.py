@@ -256,38 +256,25 @@ class Supervisor:
     def run(self, body: dict[str, Any], name: str | None = None) -> dict[str, Any]:
         """`cocon run -d`: create, then start detached; {"Id", "Warnings"}. A start that fails
         leaves the record (exit code 125/126/127 and the error) unless --rm."""
-        created = self._create_cold(body, name)
-        self._forget(created["Id"])
+        created = self.create(body, name)
         self.start(created["Id"])
         return created
 
     def create(self, body: dict[str, Any], name: str | None = None) -> dict[str, Any]:
-        """`cocon create` for containers that will start detached (see _create_cold)."""
-        created = self._create_cold(body, name)
+        """`cocon create` for containers that will start detached: no cgroup warm-up (it is for an
+        in-process runtime create; a detached start forks conmon, whose runtime warms up itself)."""
+        from cocon.engine import prestart
+
+        pool = prestart.pool_for(self.e.run_dir)
+        cid = pool.take() if pool is not None and fits_prestarted(body) else None
+        try:
+            created = self.e.containers.create(body, name, warm_up=False, cid=cid)
+        except BaseException:
+            if pool is not None and cid is not None:
+                pool.release(cid)
+            raise
         self._forget(created["Id"])
         return created
-
-    def _create_cold(self, body: dict[str, Any], name: str | None) -> dict[str, Any]:
-        """Containers.create without the driver's cgroup warm-up. The warm-up exists for an
-        in-process runtime create right after it; a detached start forks conmon instead, and a
-        warm-up left to `settle` was seen (about once in 50 starts in a row) writing this process's
-        pid into the next file it opened (the bundle's config.json)."""
-        from cocon.isolation.base import IsolationError, normalize_isolation
-
-        host = body.get("HostConfig") if isinstance(body, dict) else None
-        level = host.get("Isolation") if isinstance(host, dict) else None
-        try:
-            driver = self.e.driver(normalize_isolation(str(level or "container")))
-        except (IsolationError, EngineError):
-            return self.e.containers.create(body, name)  # which reports the error
-        cold = getattr(driver, "_warm", 0) is None
-        if cold:
-            driver._warm = _no_warm_up  # type: ignore[attr-defined]  # warm_up() then does nothing
-        try:
-            return self.e.containers.create(body, name)
-        finally:
-            if cold and getattr(driver, "_warm", None) is _no_warm_up:
-                driver._warm = None  # type: ignore[attr-defined]
 
     def start(self, ref: str, on_created: Callable[[InstanceRecord], None] | None = None) -> None:
         """Start a created or stopped container under a new conmon. `on_created(rec)` runs once conmon
@@ -314,7 +301,7 @@ class Supervisor:
         first_start = rec.started is None
         bundle = self.bundle(rec.id)
         driver = self.e.driver(rec.isolation)
-        driver.settle()  # the create's cgroup warm-up thread must be gone before we fork
+        driver.settle()  # a warm-up of an in-process create (LocalClient) must be gone before we fork
         _remove(self.exit_file(rec.id))
         rootfs = ct._mount(rec)
         try:
@@ -342,6 +329,9 @@ class Supervisor:
                 )
             try:
                 doc = config_for(icfg)
+                size = (body.get("HostConfig") or {}).get("ConsoleSize")
+                if body.get("Tty") and isinstance(size, list) and _console_size_ok(size):
+                    doc["process"]["consoleSize"] = {"height": size[0], "width": size[1]}  # from the start
                 make_workdir(rootfs, doc["process"].get("cwd") or "/")
             except IsolationError as exc:
                 raise StartFailed(str(exc), exc.exit_code) from None
@@ -349,8 +339,7 @@ class Supervisor:
             with open(os.path.join(bundle, "config.json"), "w") as f:
                 f.write(_fastjson.dumps(doc))
             os.makedirs(self.log_dir(rec.id), 0o700, exist_ok=True)
-            pid, conmon_pid = self._spawn_conmon(rec, bundle, terminal=bool(body.get("Tty")),
-                                                 stdin=bool(body.get("OpenStdin")))  # fmt: skip
+            pid, conmon_pid = self._conmon_for(rec, bundle)
             if on_created is not None:
                 on_created(rec)
             started = time.time()
@@ -372,93 +361,81 @@ class Supervisor:
         )  # fmt: skip
         self._event(rec, "start")
 
+    def _conmon_for(self, rec: InstanceRecord, bundle: str) -> tuple[int, int]:
+        """The pre-started conmon and runtime reserved for this container, told to go, or a new
+        conmon; (the container's pid, conmon's pid)."""
+        from cocon.engine import prestart
+
+        pool = prestart.pool_for(self.e.run_dir)
+        entry = pool.claimed(rec.id) if pool is not None else None
+        if entry is not None:
+            if entry.go():
+                return conmon_started(entry.launch, bundle)
+            entry.launch.close()  # its runtime is gone (killed): start cold in the same bundle
+        body = rec.config["Create"]
+        return self._spawn_conmon(
+            rec, bundle, terminal=bool(body.get("Tty")), stdin=bool(body.get("OpenStdin"))
+        )
+
     def _spawn_conmon(
         self, rec: InstanceRecord, bundle: str, *, terminal: bool, stdin: bool
     ) -> tuple[int, int]:
         """conmon → `cocon-runtime create`; returns (the container's pid, conmon's pid)."""
-        import select
-        import subprocess
-
         max_size, max_file = log_limits(rec)
+        argv = self.conmon_argv(
+            rec.id, rec.name, bundle, terminal=terminal, stdin=stdin,
+            stdin_once=bool(rec.config["Create"].get("StdinOnce")),
+            log_size_max=max_size if max_size and max_file <= 1 else 0,
+        )  # fmt: skip
+        return conmon_started(launch_conmon(argv, bundle, self._conmon_env()), bundle)
+
+    def conmon_argv(
+        self, cid: str, name: str, bundle: str, *, terminal: bool = False, stdin: bool = False,
+        stdin_once: bool = False, log_size_max: int = 0, await_fifo: str | None = None,
+    ) -> list[str]:  # fmt: skip
+        """conmon's command line for container `cid` (`await_fifo`: a pre-started runtime, see
+        cocon.engine.prestart)."""
         conmon_pidfile = os.path.join(bundle, "conmon.pid")
         pidfile = os.path.join(bundle, "pidfile")
-        exits = os.path.dirname(self.exit_file(rec.id))
+        exits = os.path.dirname(self.exit_file(cid))
         os.makedirs(exits, 0o700, exist_ok=True)
-        args = [
-            find_conmon(), "--api-version", "1", "-c", rec.id, "-u", rec.id, "-n", rec.name,
-            "-r", find_runtime(), "--runtime-arg", "--root",
-            "--runtime-arg", os.path.join(self.e.run_dir, "runtime"),
+        runtime_args = ["--root", os.path.join(self.e.run_dir, "runtime")]
+        if await_fifo is not None:
+            runtime_args += ["--await", await_fifo]
+        args = [find_conmon(), "--api-version", "1", "-c", cid, "-u", cid, "-n", name, "-r", find_runtime()]
+        for arg in runtime_args:
+            args += ["--runtime-arg", arg]
+        args += [
             "-b", bundle, "-p", pidfile, "-P", conmon_pidfile, "--exit-dir", exits,
-            "--socket-dir-path", bundle, "--full-attach", "-l", f"k8s-file:{self.log_path(rec.id)}",
+            "--socket-dir-path", bundle, "--full-attach", "-l", f"k8s-file:{self.log_path(cid)}",
             "--log-level", "error",
         ]  # fmt: skip
         if os.environ.get("COCON_CONMON_EXIT_COMMAND", "1") != "0":  # 0: for tests of reconcile
-            args += ["--exit-command", sys.executable, "--exit-command-arg", "-S",
-                     "--exit-command-arg", "-m", "--exit-command-arg", "cocon.engine.supervisor",
-                     "--exit-command-arg", "cleanup", "--exit-command-arg", rec.id]  # fmt: skip
-        if max_size and max_file <= 1:  # with max-file > 1 the monitor rotates (Supervisor.rotate_log)
-            args += ["--log-size-max", str(max_size)]
+            # A live monitor (the daemon's) collects the container itself: the exit command is then
+            # one `sh` that checks $COCON_RUN/monitor.pid, not a Python process per exit.
+            script = ('read pid start < "$0" 2>/dev/null && kill -0 "$pid" 2>/dev/null && exit 0; '
+                      'exec "$1" -S -m cocon.engine.supervisor cleanup "$2"')  # fmt: skip
+            args += ["--exit-command", "/bin/sh"]
+            for arg in ("-c", script, os.path.join(self.e.run_dir, "monitor.pid"), sys.executable, cid):
+                args += ["--exit-command-arg", arg]
+        if log_size_max:  # with max-file > 1 the monitor rotates (Supervisor.rotate_log)
+            args += ["--log-size-max", str(log_size_max)]
         if terminal:
             args.append("-t")
         if stdin:  # StdinOnce (docker run -i): the container's stdin ends with the attached client's
-            args += ["-i"] if rec.config["Create"].get("StdinOnce") else ["-i", "--leave-stdin-open"]
+            args += ["-i"] if stdin_once else ["-i", "--leave-stdin-open"]
+        return args
+
+    def _conmon_env(self) -> dict[str, str]:
         import cocon
 
-        env = {
+        return {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(cocon.__file__))),
             "COCON_ROOT": self.e.root,
             "COCON_RUN": self.e.run_dir,
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        r, w = os.pipe()
-        try:
-            env["_OCI_SYNCPIPE"] = str(w)
-            null = os.open("/dev/null", os.O_RDWR)
-            try:
-                proc = subprocess.Popen(
-                    args, stdin=null, stdout=null, stderr=subprocess.PIPE, pass_fds=(w,), env=env,
-                    start_new_session=True, cwd=bundle,
-                )  # fmt: skip
-            finally:
-                os.close(null)
-            os.close(w)
-            w = -1
-            # the first conmon exits once it forked the long-lived one
-            _, err = proc.communicate(timeout=SYNC_TIMEOUT)
-            if proc.returncode != 0:
-                raise StartFailed(
-                    f"conmon failed ({proc.returncode}): {err.decode(errors='replace').strip()}"
-                )
-            data = b""
-            deadline = time.monotonic() + SYNC_TIMEOUT
-            while b"\n" not in data and time.monotonic() < deadline:
-                ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.monotonic()))
-                if not ready:
-                    break
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            os.close(r)
-            if w >= 0:
-                os.close(w)
-        try:
-            msg = _fastjson.loads(data.split(b"\n", 1)[0]) if data.strip() else {}
-        except ValueError:
-            msg = {}
-        pid = msg.get("data") if isinstance(msg, dict) else None
-        if not isinstance(pid, int) or pid <= 0:
-            text = str(msg.get("message") or "") if isinstance(msg, dict) else ""
-            text = text or _runtime_error(bundle) or "conmon did not report the container's pid"
-            from cocon.isolation.container import exit_code_for
-
-            raise StartFailed(_clean_runtime_message(text), exit_code_for(text))
-        conmon_pid = _read_int(conmon_pidfile)
-        if conmon_pid <= 0:
-            raise StartFailed(f"conmon did not write its pid file {conmon_pidfile}")
-        return pid, conmon_pid
 
     def _start_failed(self, rec: InstanceRecord, message: str, code: int) -> None:
         driver = self.e.driver(rec.isolation)
@@ -670,6 +647,8 @@ class Supervisor:
                     if condition != "removed":
                         return code if code is not None else 0
                     rec = cur
+                    if code is not None:
+                        rec.exit_code = code  # returned once the record is gone (--rm)
                     continue
             elif (condition == "not-running" and status not in ("running", "paused", "exiting")) or (
                 condition == "next-exit" and status == "exited" and cur.finished != first_finished
@@ -678,15 +657,49 @@ class Supervisor:
             elif status == "dead" and condition != "removed":
                 return cur.exit_code if cur.exit_code is not None else 255
             rec = cur
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise Conflict(f"container {rec.name} is still running after {timeout} s")
-            time.sleep(0.05)
+            self._await_exit(cur, 0.5 if deadline is None else min(0.5, deadline - now))
+
+    def _await_exit(self, rec: InstanceRecord, seconds: float) -> None:
+        """Sleep until the container's process ends (its pidfd), then until conmon wrote the exit
+        file; at most `seconds`. A wait is then as quick as the exit (a poll would add its period)."""
+        fd = -1
+        gone = False
+        if rec.status == "running" and rec.pid:
+            try:
+                fd = os.pidfd_open(rec.pid)
+            except ProcessLookupError:
+                gone = True
+            except OSError:
+                fd = -1
+        if fd < 0 and not gone:  # not started yet (a wait sent before the start, as docker's) or paused
+            time.sleep(min(seconds, 0.005 if rec.status == "created" else 0.05))
+            return
+        ready: list[int] = []
+        if fd >= 0:
+            import select
+
+            try:
+                ready, _, _ = select.select([fd], [], [], max(0.0, seconds))
+            finally:
+                os.close(fd)
+        if gone or ready:  # conmon reaps the process, then writes the exit file
+            end = time.monotonic() + min(seconds, 0.2)
+            while not os.path.exists(self.exit_file(rec.id)) and time.monotonic() < end:
+                time.sleep(0.002)
 
     def remove(self, ref: str, *, force: bool = False, volumes: bool = False) -> str:
         """`rm [-f] [-v]` of any container: detached ones here, the others by Containers.remove."""
         rec = self._get(ref)
         if not self.supervised(rec):
             removed = self.e.containers.remove(rec.id, force=force, volumes=volumes)
+            from cocon.engine import prestart
+
+            pool = prestart.pool_for(self.e.run_dir)
+            if pool is not None:
+                pool.release(rec.id)  # created with a pre-started runtime, never started
             _remove_tree(self.log_dir(rec.id))  # from a detached start that failed
             _remove(os.path.join(self.e.run_dir, "locks", rec.id))
             return removed
@@ -923,6 +936,33 @@ class Supervisor:
             pass
 
 
+def _console_size_ok(size: object) -> bool:
+    """Docker's HostConfig.ConsoleSize: [height, width], both > 0."""
+    return (
+        isinstance(size, list) and len(size) == 2 and all(isinstance(n, int) and 0 < n < 65536 for n in size)
+    )
+
+
+def fits_prestarted(body: dict[str, Any]) -> bool:
+    """A create request a pre-started runtime can serve: the pool's conmon has no TTY, no stdin and
+    no log size limit, and runs a container (not a VM)."""
+    if not isinstance(body, dict) or body.get("Tty") or body.get("OpenStdin"):
+        return False
+    host = body.get("HostConfig")
+    if host is None:
+        return True
+    if not isinstance(host, dict) or host.get("Isolation") not in (
+        None,
+        "",
+        "default",
+        "container",
+        "process",
+    ):
+        return False
+    log_config = host.get("LogConfig") or {}
+    return not (isinstance(log_config, dict) and (log_config.get("Config") or {}).get("max-size"))
+
+
 def log_limits(rec: InstanceRecord) -> tuple[int, int]:
     """(max-size in bytes, 0: none; max-file) of `--log-opt`."""
     log_opts = (rec.config["Create"].get("HostConfig") or {}).get("LogConfig") or {}
@@ -933,10 +973,6 @@ def log_limits(rec: InstanceRecord) -> tuple[int, int]:
     except ValueError:
         raise InvalidRequest(f"invalid max-file {cfg.get('max-file')!r}: give a number") from None
     return max_size, max(1, max_file)
-
-
-def _no_warm_up() -> None:
-    pass
 
 
 def _size(value: object) -> int:
@@ -952,6 +988,86 @@ def _size(value: object) -> int:
         return int(text.rstrip("b"))
     except ValueError:
         raise InvalidRequest(f"invalid size {value!r}: give a number with k, m or g") from None
+
+
+class ConmonLaunch:
+    """A conmon whose first process has exited: the long-lived one runs `cocon-runtime create` and
+    reports the container's pid (or an error) on the sync pipe `sync_fd`."""
+
+    def __init__(self, sync_fd: int) -> None:
+        self.sync_fd = sync_fd
+
+    def close(self) -> None:
+        if self.sync_fd >= 0:
+            os.close(self.sync_fd)
+            self.sync_fd = -1
+
+
+def launch_conmon(argv: list[str], bundle: str, env: dict[str, str]) -> ConmonLaunch:
+    """Start conmon (`argv`) in `bundle`; returns once its first process exited (it forks the
+    long-lived one and leaves)."""
+    import subprocess
+
+    os.makedirs(bundle, 0o700, exist_ok=True)
+    r, w = os.pipe()
+    try:
+        env = dict(env, _OCI_SYNCPIPE=str(w))
+        null = os.open("/dev/null", os.O_RDWR)
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=null, stdout=null, stderr=subprocess.PIPE, pass_fds=(w,), env=env,
+                start_new_session=True, cwd=bundle,
+            )  # fmt: skip
+        finally:
+            os.close(null)
+        os.close(w)
+        w = -1
+        _, err = proc.communicate(timeout=SYNC_TIMEOUT)
+        if proc.returncode != 0:
+            raise StartFailed(f"conmon failed ({proc.returncode}): {err.decode(errors='replace').strip()}")
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        if w >= 0:
+            os.close(w)
+    return ConmonLaunch(r)
+
+
+def conmon_started(launch: ConmonLaunch, bundle: str) -> tuple[int, int]:
+    """Read conmon's report of `cocon-runtime create`: (the container's pid, conmon's pid);
+    StartFailed with the runtime's message otherwise."""
+    import select
+
+    data = b""
+    try:
+        deadline = time.monotonic() + SYNC_TIMEOUT
+        while b"\n" not in data and time.monotonic() < deadline:
+            ready, _, _ = select.select([launch.sync_fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(launch.sync_fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        launch.close()
+    try:
+        msg = _fastjson.loads(data.split(b"\n", 1)[0]) if data.strip() else {}
+    except ValueError:
+        msg = {}
+    pid = msg.get("data") if isinstance(msg, dict) else None
+    if not isinstance(pid, int) or pid <= 0:
+        text = str(msg.get("message") or "") if isinstance(msg, dict) else ""
+        text = text or _runtime_error(bundle) or "conmon did not report the container's pid"
+        from cocon.isolation.container import exit_code_for
+
+        raise StartFailed(_clean_runtime_message(text), exit_code_for(text))
+    conmon_pidfile = os.path.join(bundle, "conmon.pid")
+    conmon_pid = _read_int(conmon_pidfile)
+    if conmon_pid <= 0:
+        raise StartFailed(f"conmon did not write its pid file {conmon_pidfile}")
+    return pid, conmon_pid
 
 
 def _read_int(path: str) -> int:

@@ -75,7 +75,7 @@ _FAST_COMMANDS: dict[str, tuple[dict[str, str], dict[str, str], tuple[str, ...]]
     "kill": ({}, {"-a": "all", "--all": "all"}, ("id", "signal")),
 }
 _GLOBAL_VALUES = {"--root": "root", "--log": "log", "--log-format": "log_format", "--rootless": "rootless",
-                  "--criu": "criu"}  # fmt: skip
+                  "--criu": "criu", "--await": "await_fifo"}  # fmt: skip
 _GLOBAL_BOOLS = {"--debug": "debug", "--systemd-cgroup": "systemd_cgroup"}
 
 
@@ -94,7 +94,7 @@ def fast_parse(argv: list[str]) -> Any | None:
         "debug": False, "systemd_cgroup": False, "rootless": "false", "criu": None, "bundle": ".",
         "console_socket": None, "pid_file": None, "preserve_fds": 0, "no_pivot": False,
         "no_new_keyring": False, "detach": False, "keep": False, "force": False, "all": False,
-        "signal": "SIGTERM",
+        "signal": "SIGTERM", "await_fifo": None,
     }  # fmt: skip
     values, bools = _GLOBAL_VALUES, _GLOBAL_BOOLS
     positionals: tuple[str, ...] = ()
@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rootless", default="false", help="accepted for runc compatibility; ignored")
     p.add_argument("--criu", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--await",
+        dest="await_fifo",
+        metavar="FIFO",
+        help="create only: load everything, then wait for the line 'go' on this FIFO before reading the "
+        "bundle (a runtime started ahead of its container, as cocon's daemon does); any other line cancels",
+    )
     p.add_argument(
         "-v",
         "--version",
@@ -277,9 +284,41 @@ def dispatch(args: argparse.Namespace) -> int:
 
     warmed_up = start_attach_warm_up(early=True)
     try:
+        if args.await_fifo is not None and args.command == "create":
+            await_go(args.await_fifo)
         return _dispatch(args)
     finally:
         warmed_up()  # when the command failed before using it
+
+
+# what `create` loads, in its process and in the container's init (found with sys.modules)
+_CREATE_MODULES = (
+    "cocon.runtime.container", "cocon.runtime.spawn", "cocon.runtime.rootfs", "cocon.runtime.process",
+    "cocon.runtime.capabilities", "cocon.runtime.cgroups", "cocon.runtime.hooks", "cocon.runtime.seccomp",
+    "cocon.runtime.seccomp_bpf", "cocon.runtime.state", "cocon.runtime.cgroups.v1",
+    "cocon.runtime.cgroups.v2", "cocon.runtime.cgroups.devices", "pwd", "resource",
+)  # fmt: skip
+
+
+def await_go(fifo: str) -> None:
+    """`--await`: import what create needs, then block until the daemon says `go` on `fifo` (the
+    bundle is complete then). Interpreter start-up and imports are thus paid before the container
+    is asked for, not while its user waits."""
+    import importlib
+
+    for name in _CREATE_MODULES:
+        importlib.import_module(name)
+    try:
+        import seccomp  # noqa: F401  # libseccomp's bindings, when a profile is not in the BPF cache
+    except ImportError:
+        pass
+    try:
+        with open(fifo, "rb") as f:
+            word = f.readline().strip()
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot read the start signal from {fifo}: {exc.strerror}") from None
+    if word != b"go":
+        raise RuntimeFailure("the container was not started: its pre-started runtime was cancelled")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
