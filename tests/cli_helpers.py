@@ -169,8 +169,29 @@ class CoconEnv:
             if ids:
                 self("rm", "-f", *ids, check=False)
         self.stop_daemon()
+        kill_prestarted(self.run)
         unmount_all(self.run)
         unmount_all(self.root)
+
+
+def kill_prestarted(run_dir: str) -> None:
+    """SIGKILL the pre-started conmon/runtime pairs of `run_dir` that a killed daemon left waiting
+    (a clean stop cancels them; cocon.engine.prestart)."""
+    import signal
+
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--await" in argv and any(run_dir.encode() in a for a in argv):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def stop_daemon(run_dir: str, timeout: float = 20.0) -> None:

@@ -694,12 +694,12 @@ class Supervisor:
         """`rm [-f] [-v]` of any container: detached ones here, the others by Containers.remove."""
         rec = self._get(ref)
         if not self.supervised(rec):
-            removed = self.e.containers.remove(rec.id, force=force, volumes=volumes)
             from cocon.engine import prestart
 
             pool = prestart.pool_for(self.e.run_dir)
-            if pool is not None:
-                pool.release(rec.id)  # created with a pre-started runtime, never started
+            if pool is not None:  # created with a pre-started runtime, never started: cancel it while
+                pool.release(rec.id)  # its FIFO is still there (in the bundle, which remove deletes)
+            removed = self.e.containers.remove(rec.id, force=force, volumes=volumes)
             _remove_tree(self.log_dir(rec.id))  # from a detached start that failed
             _remove(os.path.join(self.e.run_dir, "locks", rec.id))
             return removed
