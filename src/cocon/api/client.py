@@ -290,5 +290,20 @@ class Client:
         """`POST /volumes/prune`: {"VolumesDeleted": [...] | None, "SpaceReclaimed": bytes}."""
         raise NotImplementedError
 
+    # --- events ------------------------------------------------------------------------------------
+    def events(
+        self,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        filters: dict[str, list[str]] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """`GET /events?since=&until=&filters=`: the history since `since` (Unix seconds with an optional
+        fraction, or RFC 3339), then events as they happen until `until` passes (without it: until
+        the caller stops iterating). Each item is one message of Docker's stream (Type, Action,
+        Actor{ID, Attributes}, scope, time, timeNano). `filters`: Docker's (type, event, container,
+        image, volume, network, label, scope, daemon); an unknown key is an APIError 400."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release connections (nothing to do for a client without any)."""

@@ -368,6 +368,40 @@ class LocalClient(Client):
         with _errors:
             return self.engine.imageops.volume_prune(all=all)
 
+    def events(
+        self,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        filters: dict[str, list[str]] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        import time
+
+        from cocon.engine import events as ev
+
+        with _errors:
+            flt = ev.EventFilter(filters or {})
+            since_ns = ev.parse_time(since, "since") if since else None
+            until_ns = ev.parse_time(until, "until") if until else None
+            log = self.engine.events
+            last = log.last_id()
+        if since_ns is not None:
+            with _errors:
+                history = log.read(since_ns=since_ns, until_ns=until_ns)
+            for event in history:
+                last = max(last, event.id)
+                if flt.matches(event):
+                    yield event.to_docker(legacy=False)
+        while until_ns is None or time.time_ns() <= until_ns:  # other processes write the log too
+            wait = 0.2 if until_ns is None else min(0.2, (until_ns - time.time_ns()) / 1e9 + 0.01)
+            time.sleep(max(wait, 0.01))
+            with _errors:
+                fresh = log.read(after_id=last, until_ns=until_ns)
+            for event in fresh:
+                last = max(last, event.id)
+                if flt.matches(event):
+                    yield event.to_docker(legacy=False)
+
     def close(self) -> None:
         if self._devnull >= 0:
             os.close(self._devnull)

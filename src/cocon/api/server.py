@@ -24,7 +24,18 @@ import time
 
 from aiohttp import web
 
-from cocon.api.docker import build, common, containers, exec, images, native, networks, system, volumes
+from cocon.api.docker import (
+    build,
+    common,
+    container_admin,
+    containers,
+    exec,
+    images,
+    native,
+    networks,
+    system,
+    volumes,
+)
 from cocon.api.docker.common import (
     API_VERSION,
     CTX_KEY,
@@ -142,6 +153,7 @@ def make_app(ctx: Context, *, auth_token: str | None = None) -> web.Application:
     volumes.register(app)
     networks.register(app)
     containers.register(app)
+    container_admin.register(app)
     exec.register(app)
     native.register(app)
     return app
