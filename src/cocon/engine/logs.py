@@ -22,6 +22,7 @@ from cocon._typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from typing import BinaryIO
 
     Entry = tuple[str, float, str, bytes]  # stream, unix time, the RFC 3339 text, the line
 
@@ -130,8 +131,21 @@ def _entries(data: bytes, pending: dict[str, tuple[float, str, bytes]]) -> Itera
         yield stream, t, stamp, text + b"\n"
 
 
+def open_log_files(files: list[str]) -> list[tuple[str, BinaryIO]]:
+    """Open the log files now, for `read_logs`: what they hold stays readable even when the
+    container (and its log directory) is removed right after (docker-py's `run(remove=True)` reads
+    the log stream only after removing the container)."""
+    out: list[tuple[str, BinaryIO]] = []
+    for path in files:
+        try:
+            out.append((path, open(path, "rb")))  # noqa: SIM115 - read_logs closes them
+        except OSError:
+            continue
+    return out
+
+
 def read_logs(
-    files: list[str],
+    files: list[str] | list[tuple[str, BinaryIO]],
     *,
     stdout: bool = True,
     stderr: bool = True,
@@ -153,25 +167,40 @@ def read_logs(
             return False
         return not (until is not None and e[1] > until)
 
+    # paths are opened now; open_log_files' pairs were opened by the caller (before it answered)
+    pairs = [f for f in files if isinstance(f, tuple)] or open_log_files(
+        [f for f in files if isinstance(f, str)]
+    )
+    live = pairs[-1][1] if pairs else None
+    try:
+        yield from _read(pairs, live, keep, pending, tail, follow, running, poll)
+    finally:
+        for _path, f in pairs:
+            f.close()
+
+
+def _read(
+    pairs: list[tuple[str, BinaryIO]],
+    live: BinaryIO | None,
+    keep: Callable[[Entry], bool],
+    pending: dict[str, tuple[float, str, bytes]],
+    tail: int | None,
+    follow: bool,
+    running: Callable[[], bool] | None,
+    poll: float,
+) -> Iterator[Entry]:
     entries: list[Entry] = []
-    last = files[-1] if files else None
     offset = 0
-    inode = 0
-    for path in files:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-                if path == last:
-                    offset = f.tell()
-                    inode = os.fstat(f.fileno()).st_ino
-        except OSError:
-            continue
+    for _path, f in pairs:
+        data = f.read()
+        if f is live:
+            offset = f.tell()
         # only complete lines now; a partial one at the end of the live file comes when following
-        if path == last and not data.endswith(b"\n") and b"\n" in data:
+        if f is live and not data.endswith(b"\n") and b"\n" in data:
             cut = data.rindex(b"\n") + 1
             offset -= len(data) - cut
             data = data[:cut]
-        elif path == last and not data.endswith(b"\n"):
+        elif f is live and not data.endswith(b"\n"):
             offset -= len(data)
             data = b""
         entries.extend(e for e in _entries(data, pending) if keep(e))
@@ -180,42 +209,53 @@ def read_logs(
     if tail is not None and tail >= 0:
         entries = entries[-tail:] if tail else []
     yield from entries
-    if not follow or last is None:
+    if not follow or live is None:
         return
-    path = last
+    path = pairs[-1][0]
+    current = live  # the file read: the one opened, or the path's new file once conmon started afresh
     buf = b""
-    while True:
-        alive = running() if running is not None else False
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None
-        if st is not None and (st.st_ino != inode or st.st_size < offset):  # started afresh (max-size)
-            inode, offset = st.st_ino, 0
-        got = b""
-        if st is not None and st.st_size > offset:
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    got = f.read()
-            except OSError:
-                got = b""
+    try:
+        while True:
+            alive = running() if running is not None else False
+            current.seek(offset)
+            got = current.read()
             offset += len(got)
-        if got:
-            buf += got
-            if b"\n" in buf:
-                cut = buf.rindex(b"\n") + 1
-                chunk, buf = buf[:cut], buf[cut:]
-                for e in _entries(chunk, pending):
+            if not got:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    st = None  # removed: what was written is in the file we hold
+                if st is not None and st.st_ino != os.fstat(current.fileno()).st_ino:  # started afresh
+                    try:
+                        fresh = open(path, "rb")  # noqa: SIM115 - closed below
+                    except OSError:
+                        fresh = None
+                    if fresh is not None:
+                        if current is not live:
+                            current.close()
+                        current, offset = fresh, 0
+                        continue
+                elif st is not None and st.st_size < offset:  # truncated in place (max-size)
+                    offset = 0
+                    continue
+            if got:
+                buf += got
+                if b"\n" in buf:
+                    cut = buf.rindex(b"\n") + 1
+                    chunk, buf = buf[:cut], buf[cut:]
+                    for e in _entries(chunk, pending):
+                        if keep(e):
+                            yield e
+                continue
+            if not alive:
+                for e in _flush(pending):
                     if keep(e):
                         yield e
-            continue
-        if not alive:
-            for e in _flush(pending):
-                if keep(e):
-                    yield e
-            return
-        time.sleep(poll)
+                return
+            time.sleep(poll)
+    finally:
+        if current is not live:
+            current.close()
 
 
 def _flush(pending: dict[str, tuple[float, str, bytes]]) -> list[Entry]:

@@ -598,9 +598,20 @@ def _write_pid_file(path: str, pid: int) -> None:
 
 
 def _release_init(fifo: str, init_pid: int) -> None:
-    """Open the exec FIFO for reading, which lets the init's blocked open() go on, and read its byte."""
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    pidfd = os.pidfd_open(init_pid)
+    """Open the exec FIFO for reading, which lets the init's blocked open() go on, and read its byte.
+
+    The pidfd is taken first, while the init is still blocked in its open(): once the FIFO is open the
+    init writes its byte and execs the user's process, which may exit and be reaped by its parent
+    (conmon) at once, so a pidfd_open after that fails with ESRCH although the start worked."""
+    try:
+        pidfd = os.pidfd_open(init_pid)
+    except ProcessLookupError:
+        raise RuntimeFailure("the container's init exited before it could be started") from None
+    try:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except BaseException:
+        os.close(pidfd)
+        raise
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)

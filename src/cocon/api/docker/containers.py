@@ -806,12 +806,20 @@ async def logs(request: web.Request) -> web.StreamResponse:
         raise bad_request(str(exc)) from None
     if since == 0:
         since = None
-    rec, files = await ctx.call(lambda e: e.supervisor.log_files(ref))
+    rec, paths = await ctx.call(lambda e: e.supervisor.log_files(ref))
+    # opened before the headers go out: a client may remove the container as soon as it has them
+    # (docker-py's run(remove=True) reads this stream only after its remove)
+    files = await ctx.run(logs_mod.open_log_files, paths)
     tty = bool(rec.config["Create"].get("Tty"))
     multiplexed = not tty
     ctype = MULTIPLEXED if multiplexed and api_version(request) >= (1, 42) else RAW
     response = web.StreamResponse(status=200, headers={"Content-Type": ctype})
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except BaseException:
+        for _path, f in files:
+            f.close()
+        raise
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=256)
     cancelled = threading.Event()
