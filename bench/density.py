@@ -10,8 +10,9 @@ SQLite row, a bundle and an exit-file directory on tmpfs, a log file). Printed:
 - host: the drop of MemAvailable per container, minus the containers' own cgroup memory (the
   workload), i.e. what the platform adds (conmon, kernel objects: namespaces, cgroups, overlay mount,
   tmpfs files);
-- starts/s: N / the time to start them one after the other (create + conmon + runtime create/start),
-  in-process as the daemon will do it.
+- the daemon: how much its RSS grew per container (its records and caches);
+- starts/s: N / the time to start them one after the other through the daemon's API (create +
+  start: conmon + runtime create/start, the pre-started pair when one is ready).
 
 Run as root:  .venv/bin/python bench/density.py [-n 100] [-n 500]
 """
@@ -30,9 +31,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from cli_helpers import new_root_with_busybox, unmount_all  # noqa: E402
-from cocon.engine.engine import Engine  # noqa: E402
+from cocon.api.http_client import HTTPClient  # noqa: E402
 from cocon.engine.stats import cgroup_dirs, memory  # noqa: E402
-from cocon.engine.supervisor import Supervisor  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -67,51 +67,98 @@ def drop_caches() -> None:
         pass
 
 
+def conmon_pids(run: str) -> list[int]:
+    """conmon processes supervising containers of this run directory (not the pre-started one)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"conmon") and any(run.encode() in a for a in argv) and not _awaiting(entry):
+            pids.append(int(entry))
+    return pids
+
+
+def _awaiting(conmon: str) -> bool:
+    """Whether this conmon's child is a runtime still waiting for its container (`--await`)."""
+    try:
+        with open(f"/proc/{conmon}/task/{conmon}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return False
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"--await" in f.read().split(b"\0"):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def daemon_pid(run: str) -> int:
+    with open(os.path.join(run, "cocon.pid")) as f:
+        return int(f.read().split()[0])
+
+
 def bench(n: int) -> None:
     root = tempfile.mkdtemp(prefix="cocon-density-")
     run = tempfile.mkdtemp(prefix="cocon-density-run-", dir="/run")
     new_root_with_busybox(os.path.join(root, "r"))
-    engine = Engine(os.path.join(root, "r"), run)
-    sup = Supervisor(engine)
+    os.environ["COCON_ROOT"], os.environ["COCON_RUN"] = os.path.join(root, "r"), run
+    client = HTTPClient(os.path.join(run, "cocon.sock"), autostart=True)  # starts the daemon
+    body = {"Image": "busybox", "Cmd": ["sleep", "100000"], "HostConfig": {"NetworkMode": "none"}}
     ids: list[str] = []
     try:
-        # one container first: image unpacked, config template cached, code paths warm
-        warm = sup.run({"Image": "busybox", "Cmd": ["sleep", "100000"]})["Id"]
-        sup.remove(warm, force=True)
-        time.sleep(0.5)
+        # one container first: daemon up, image unpacked, config template cached, code paths warm
+        warm = client.container_run_detached(body)["Id"]
+        client.container_remove(warm, force=True)
+        time.sleep(1.0)
         drop_caches()
+        daemon_before = rollup(daemon_pid(run))
         before = mem_available()
         t = time.monotonic()
         for _ in range(n):
-            ids.append(sup.run({"Image": "busybox", "Cmd": ["sleep", "100000"]})["Id"])
+            ids.append(client.container_run_detached(body)["Id"])
         took = time.monotonic() - t
         time.sleep(2)
         drop_caches()
         after = mem_available()
-        recs = [r for r in (engine.instances.get(i) for i in ids) if sup.status(r) == "running"]
-        if len(recs) < n:
-            print(f"  only {len(recs)} of {n} containers still run: measuring those", file=sys.stderr)
-        n = len(recs) or 1
-        conmons = [rollup(r.supervisor) for r in recs]
-        workload = sum(memory(cgroup_dirs(r.pid))["usage"] for r in recs)
+        daemon_after = rollup(daemon_pid(run))
+        pids = [client.container_inspect(i)["State"]["Pid"] for i in ids]
+        pids = [p for p in pids if p]
+        if len(pids) < n:
+            print(f"  only {len(pids)} of {n} containers still run: measuring those", file=sys.stderr)
+        n = len(pids) or 1
+        conmons = [rollup(p) for p in conmon_pids(run)]
+        workload = sum(memory(cgroup_dirs(p))["usage"] for p in pids)
         rss = sum(c.get("Rss", 0) for c in conmons) / n / MiB
         pss = sum(c.get("Pss", 0) for c in conmons) / n / MiB
         uss = sum(c.get("Private_Clean", 0) + c.get("Private_Dirty", 0) for c in conmons) / n / MiB
+        daemon_growth = (daemon_after.get("Rss", 0) - daemon_before.get("Rss", 0)) / n / MiB
         host = (before - after - workload) / n / MiB
-        print(f"N={len(ids)}: {len(ids) / took:.1f} starts/s ({took:.1f} s)")
+        print(f"N={len(ids)}: {len(ids) / took:.1f} starts/s ({took:.1f} s, through the daemon's API)")
         print(f"  conmon per container: RSS {rss:.2f} MiB, PSS {pss:.2f} MiB, USS {uss:.2f} MiB")
+        print(f"  daemon RSS growth per container: {daemon_growth:.3f} MiB")
         print(f"  workload (container cgroups) per container: {workload / n / MiB:.2f} MiB")
         print(f"  host memory per container beyond the workload: {host:.2f} MiB (MemAvailable drop)")
     finally:
         t = time.monotonic()
         for i in ids:
             try:
-                sup.remove(i, force=True)
+                client.container_remove(i, force=True)
             except Exception as exc:
                 print(f"cannot remove {i[:12]}: {exc}", file=sys.stderr)
         print(f"  removed in {time.monotonic() - t:.1f} s")
-        engine.close()
-        time.sleep(1)
+        try:
+            os.kill(daemon_pid(run), 15)
+            time.sleep(2)
+        except OSError:
+            pass
         unmount_all(run)
         unmount_all(root)
         shutil.rmtree(run, ignore_errors=True)
