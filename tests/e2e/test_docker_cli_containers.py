@@ -32,9 +32,9 @@ def conmons_of(run: str) -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"conmon") and any(run.encode() in a for a in argv):
-            if not _awaiting(int(entry)):
-                pids.append(int(entry))
+        conmon = argv and argv[0].endswith(b"conmon") and any(run.encode() in a for a in argv)
+        if conmon and not _awaiting(int(entry)):
+            pids.append(int(entry))
     return pids
 
 

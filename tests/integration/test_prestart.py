@@ -86,13 +86,12 @@ def test_a_fitting_container_runs_on_the_waiting_pair(daemon: Daemon) -> None:
 def test_removed_before_start_cancels_the_pair(daemon: Daemon) -> None:
     wait_until(lambda: len(waiting_runtimes(daemon.run)) == 1 and pair_ids(daemon.run))
     c = daemon.client()
-    cid = c.container_create({"Image": "busybox", "Cmd": ["true"], "HostConfig": {"NetworkMode": "none"}})[
-        "Id"
-    ]
-    wait_until(lambda: len(waiting_runtimes(daemon.run)) == 2)  # its own, and the next one
+    body = {"Image": "busybox", "Cmd": ["true"], "HostConfig": {"NetworkMode": "none"}}
+    cid = c.container_create(body)["Id"]
+    assert pair_ids(daemon.run) == {cid}  # reserved for it; the next is launched once it is used
     c.container_remove(cid)
-    wait_until(lambda: len(waiting_runtimes(daemon.run)) == 1)
-    assert cid not in pair_ids(daemon.run)
+    wait_until(lambda: len(waiting_runtimes(daemon.run)) == 1 and cid not in pair_ids(daemon.run))
+    assert len(pair_ids(daemon.run)) == 1  # a new pair replaced the cancelled one
     assert not os.path.exists(os.path.join(daemon.run, "instances", cid))
     assert not os.path.exists(os.path.join(daemon.root, "containers", cid))
 

@@ -671,6 +671,8 @@ def ensure_daemon(run_dir: str | None = None, *, root: str | None = None, timeou
     if client.ping():
         return path
     os.makedirs(run, 0o700, exist_ok=True)
+    if _wait_for_other_daemon(run, client, 30.0):  # one starting up answered meanwhile
+        return path
     log_path = os.path.join(run, "daemon.log")
     env = dict(os.environ, COCON_RUN=run)
     if root is not None:
@@ -693,6 +695,34 @@ def ensure_daemon(run_dir: str | None = None, *, root: str | None = None, timeou
         f" ({_tail(log_path)})",
         500,
     )
+
+
+def _wait_for_other_daemon(run: str, client: HTTPClient, timeout: float) -> bool:
+    """A daemon that holds `$COCON_RUN/cocon.pid`'s lock but does not answer is starting or stopping:
+    wait (at most `timeout` s) until it answers (True) or lets go of the lock (False)."""
+    import fcntl
+    import time
+
+    try:
+        fd = os.open(os.path.join(run, "cocon.pid"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return False  # nobody holds it
+            except BlockingIOError:
+                pass
+            if client.ping():
+                return True
+            if time.monotonic() > deadline:
+                return False  # the start below reports the daemon that holds it
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def _spawn_detached(argv: list[str], env: dict[str, str], log_path: str) -> int:

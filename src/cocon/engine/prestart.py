@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from cocon.engine.supervisor import ConmonLaunch
 
 FIFO_NAME = "start.fifo"
+REFILL_DELAY = 0.2  # s after a pair's use: a short `run --rm` has ended by then
 _pools: dict[str, Pool] = {}
 _pools_lock = threading.Lock()
 
@@ -90,7 +91,10 @@ class Pool:
             entry = self._ready.pop(0) if self._ready else None
             if entry is not None:
                 self._claimed[entry.cid] = entry
-        self.fill_later()
+        if entry is None:
+            self.fill_later()
+        # else: refilled once this one started (`started`): a new pair's start-up would compete
+        # for the CPU with the start it is meant to speed up
         return entry.cid if entry is not None else None
 
     def claimed(self, cid: str) -> Prestarted | None:
@@ -98,11 +102,19 @@ class Pool:
         with self._lock:
             return self._claimed.pop(cid, None)
 
+    def started(self) -> None:
+        """A pair was used (its container runs, or failed to): launch the next one a moment later,
+        once the client that started it has its answer (`REFILL_DELAY`)."""
+        timer = threading.Timer(REFILL_DELAY, self.fill_later)
+        timer.daemon = True
+        timer.start()
+
     def release(self, cid: str) -> None:
         """Container `cid` goes without starting: cancel its pair."""
         entry = self.claimed(cid)
         if entry is not None:
             _cancel_and_clean(entry, self.run_dir, self.root)
+            self.fill_later()
 
     # --- filling -------------------------------------------------------------------------------------
     def fill_later(self) -> None:

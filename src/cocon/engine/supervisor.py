@@ -368,10 +368,13 @@ class Supervisor:
 
         pool = prestart.pool_for(self.e.run_dir)
         entry = pool.claimed(rec.id) if pool is not None else None
-        if entry is not None:
-            if entry.go():
-                return conmon_started(entry.launch, bundle)
-            entry.launch.close()  # its runtime is gone (killed): start cold in the same bundle
+        if pool is not None and entry is not None:
+            try:
+                if entry.go():
+                    return conmon_started(entry.launch, bundle)
+                entry.launch.close()  # its runtime is gone (killed): start cold in the same bundle
+            finally:
+                pool.started()
         body = rec.config["Create"]
         return self._spawn_conmon(
             rec, bundle, terminal=bool(body.get("Tty")), stdin=bool(body.get("OpenStdin"))

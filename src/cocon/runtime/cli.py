@@ -282,10 +282,10 @@ def dispatch(args: argparse.Namespace) -> int:
     # (and after the check: its file must not take the number of an fd to preserve).
     from cocon.runtime.cgroups import start_attach_warm_up
 
+    if args.await_fifo is not None and args.command == "create":
+        await_go(args.await_fifo)  # a warm-up is only good for about a grace period: start it after
     warmed_up = start_attach_warm_up(early=True)
     try:
-        if args.await_fifo is not None and args.command == "create":
-            await_go(args.await_fifo)
         return _dispatch(args)
     finally:
         warmed_up()  # when the command failed before using it
@@ -296,7 +296,7 @@ _CREATE_MODULES = (
     "cocon.runtime.container", "cocon.runtime.spawn", "cocon.runtime.rootfs", "cocon.runtime.process",
     "cocon.runtime.capabilities", "cocon.runtime.cgroups", "cocon.runtime.hooks", "cocon.runtime.seccomp",
     "cocon.runtime.seccomp_bpf", "cocon.runtime.state", "cocon.runtime.cgroups.v1",
-    "cocon.runtime.cgroups.v2", "cocon.runtime.cgroups.devices", "pwd", "resource",
+    "cocon.runtime.cgroups.v2", "cocon.runtime.cgroups.devices", "cocon.oci.runtime_spec", "pwd", "resource",
 )  # fmt: skip
 
 
