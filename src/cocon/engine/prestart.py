@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 FIFO_NAME = "start.fifo"
 REFILL_DELAY = 0.2  # s after a pair's use: a short `run --rm` has ended by then
+READY_TIMEOUT = 30.0  # s for a new pair's runtime to be waiting (else it is not offered)
+GO_TIMEOUT = 5.0  # s for a reserved pair's runtime to be there when its container starts
 _pools: dict[str, Pool] = {}
 _pools_lock = threading.Lock()
 
@@ -43,8 +45,26 @@ class Prestarted:
         self.fifo = os.path.join(bundle, FIFO_NAME)
         self.launch = launch
 
-    def signal(self, word: bytes) -> bool:
-        """Write `word` to the waiting runtime; False when no runtime waits any more."""
+    def waiting(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until the runtime reads its FIFO: it has imported everything
+        and joined the container's cgroup then. False if it does not come (it failed or was killed)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+                return True  # (the runtime holds the FIFO read-write: this open and close tell it nothing)
+            except OSError:  # ENXIO: no reader yet
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.005)
+
+    def signal(self, word: bytes, timeout: float = 0.0) -> bool:
+        """Write `word` to the waiting runtime (waiting at most `timeout` s for it to be there);
+        False when no runtime waits."""
+        if timeout > 0 and not self.waiting(timeout):
+            return False
         try:
             fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:  # ENXIO: no reader (the runtime is gone); ENOENT: the bundle is gone
@@ -58,7 +78,7 @@ class Prestarted:
             os.close(fd)
 
     def go(self) -> bool:
-        return self.signal(b"go")
+        return self.signal(b"go", timeout=GO_TIMEOUT)
 
     def cancel(self) -> None:
         """Stop the pair and remove what it left (its bundle, a log directory, an exit file)."""
@@ -78,6 +98,7 @@ class Pool:
         self._lock = threading.Lock()
         self._filling = False
         self._closed = False
+        self._threads: list[threading.Thread] = []  # fill threads and refill timers, for close
 
     def _engine(self) -> Engine:
         from cocon.engine.engine import Engine
@@ -107,7 +128,13 @@ class Pool:
         once the client that started it has its answer (`REFILL_DELAY`)."""
         timer = threading.Timer(REFILL_DELAY, self.fill_later)
         timer.daemon = True
+        self._track(timer)
         timer.start()
+
+    def _track(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
 
     def release(self, cid: str) -> None:
         """Container `cid` goes without starting: cancel its pair."""
@@ -122,7 +149,9 @@ class Pool:
             if self._filling or self._closed or len(self._ready) >= self.size:
                 return
             self._filling = True
-        threading.Thread(target=self._fill, name="cocon-prestart", daemon=True).start()
+        thread = threading.Thread(target=self._fill, name="cocon-prestart", daemon=True)
+        self._track(thread)
+        thread.start()
 
     def _fill(self) -> None:
         try:
@@ -133,6 +162,9 @@ class Pool:
                         if self._closed or len(self._ready) >= self.size:
                             return
                     entry = launch_pair(engine)
+                    if not entry.waiting(READY_TIMEOUT):  # its runtime failed: nothing to offer
+                        _cancel_and_clean(entry, self.run_dir, self.root)
+                        return
                     with self._lock:
                         if self._closed:
                             _cancel_and_clean(entry, self.run_dir, self.root)
@@ -147,8 +179,16 @@ class Pool:
                 self._filling = False
 
     def close(self) -> None:
+        """Cancel every pair; a launch in progress finishes first (then cancels its pair itself), so
+        that no conmon is left waiting when the daemon's process ends."""
         with self._lock:
             self._closed = True
+            threads = list(self._threads)
+        for thread in threads:
+            if isinstance(thread, threading.Timer):
+                thread.cancel()
+            thread.join(timeout=10)
+        with self._lock:
             entries = self._ready + list(self._claimed.values())
             self._ready, self._claimed = [], {}
         for entry in entries:
@@ -203,6 +243,26 @@ def _remove_pair_files(run_dir: str, root: str, cid: str, wait_for: str | None =
     except OSError:
         pass
     shutil.rmtree(os.path.join(root, "containers", cid), ignore_errors=True)
+    remove_prejoined_cgroup(cid)
+
+
+def remove_prejoined_cgroup(cid: str) -> None:
+    """The cgroup2 directory a pre-started runtime joined for `cid` (the runtime's default path; see
+    cocon.runtime.cgroups.prejoin), when a runtime that never created its container did not remove it
+    itself (killed). Best effort: it is only removed when empty."""
+    import glob
+
+    for d in glob.glob(f"/sys/fs/cgroup/unified/cocon/{cid}") + glob.glob(f"/sys/fs/cgroup/cocon/{cid}"):
+        for _ in range(50):  # the killed runtime may still be leaving it
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.01)
 
 
 # --- the daemon's switch -----------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def dispatch(args: argparse.Namespace) -> int:
     from cocon.runtime.cgroups import start_attach_warm_up
 
     if args.await_fifo is not None and args.command == "create":
-        await_go(args.await_fifo)  # a warm-up is only good for about a grace period: start it after
+        await_go(args.await_fifo, args.id)  # (after it, a warm-up has nothing left to do)
     warmed_up = start_attach_warm_up(early=True)
     try:
         return _dispatch(args)
@@ -300,11 +300,14 @@ _CREATE_MODULES = (
 )  # fmt: skip
 
 
-def await_go(fifo: str) -> None:
-    """`--await`: import what create needs, then block until the daemon says `go` on `fifo` (the
-    bundle is complete then). Interpreter start-up and imports are thus paid before the container
-    is asked for, not while its user waits."""
+def await_go(fifo: str, container_id: str) -> None:
+    """`--await`: import what create needs and join the container's cgroup2 directory ahead
+    (cgroups.prejoin), then block until the daemon says `go` on `fifo` (the bundle is complete
+    then). Interpreter start-up, imports and the cgroup move's grace period are thus paid before the
+    container is asked for, not while its user waits."""
     import importlib
+
+    from cocon.runtime.cgroups import prejoin
 
     for name in _CREATE_MODULES:
         importlib.import_module(name)
@@ -312,13 +315,52 @@ def await_go(fifo: str) -> None:
         import seccomp  # noqa: F401  # libseccomp's bindings, when a profile is not in the BPF cache
     except ImportError:
         pass
+    undo = prejoin(container_id)
+    error = "the container was not started: its pre-started runtime was cancelled"
     try:
-        with open(fifo, "rb") as f:
-            word = f.readline().strip()
+        word = _read_start_signal(fifo)
     except OSError as exc:
-        raise RuntimeFailure(f"cannot read the start signal from {fifo}: {exc.strerror}") from None
+        word = b""
+        error = f"cannot read the start signal from {fifo}: {exc.strerror}"
+    if word is None:
+        word = b""
+        error = "the container was not started: the daemon that started its runtime is gone"
     if word != b"go":
-        raise RuntimeFailure("the container was not started: its pre-started runtime was cancelled")
+        if undo is not None:
+            undo()
+        raise RuntimeFailure(error)
+
+
+def _read_start_signal(fifo: str) -> bytes | None:
+    """The line the daemon writes to `fifo`; None when the FIFO or the daemon (`$COCON_RUN/cocon.pid`)
+    went away without a word (a waiting runtime must not outlive it). Opened read-write: the FIFO
+    always has a writer, so a read blocks until a line comes, and the wait can look around each second."""
+    import select
+
+    run = os.environ.get("COCON_RUN")
+    pidfile = os.path.join(run, "cocon.pid") if run else None
+    fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        data = b""
+        while b"\n" not in data:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                data += os.read(fd, 64)
+            elif not os.path.exists(fifo) or (pidfile is not None and not _daemon_alive(pidfile)):
+                return None
+        return data.split(b"\n", 1)[0].strip()
+    finally:
+        os.close(fd)
+
+
+def _daemon_alive(pidfile: str) -> bool:
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
 
 
 def _dispatch(args: argparse.Namespace) -> int:

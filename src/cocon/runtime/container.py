@@ -669,6 +669,9 @@ def _destroy(init_pid: int, cgroup: Cgroup | None, start_time: int | None = None
                 pass
             _wait_gone(init_pid, st)
     if cgroup is not None:
+        from cocon.runtime.cgroups import leave_prejoined
+
+        leave_prejoined()  # a runtime that joined the cgroup ahead (create --await) is not its process
         # Nothing is left in the cgroup once the init is gone, as a rule (a pid namespace dies with
         # its init): removing it first spares scanning every hierarchy for processes.
         if cgroup.destroy_if_empty():

@@ -113,6 +113,79 @@ def cgroup_from_state(data: dict[str, object]) -> Cgroup:
     raise CgroupError(f"cgroup state: unknown version {version!r}; the state file is damaged")
 
 
+def _no_warm_up() -> None:
+    pass
+
+
+# --- joining ahead (a runtime started before its container: `create --await`) -----------------------
+
+# The cgroup2 directory this process joined ahead of its container (`prejoin`), or "", and the
+# directory it came from.
+_prejoined = ""
+_prejoin_origin = ""
+
+
+def prejoined() -> str:
+    """The cgroup2 directory `prejoin` put this process in ("" if none): a child forked from here is
+    already in it, and `Cgroup.enter` need not (and must not pay to) move it there again."""
+    return _prejoined
+
+
+def prejoin(container_id: str) -> Callable[[], None] | None:
+    """Move this process into the cgroup2 directory the container `container_id` will have with the
+    default cgroupsPath (`/cocon/<id>` under the cgroup2 mount, pure v2 or hybrid's `unified`), made
+    now. The move through `cgroup.procs` waits for an RCU grace period (see start_attach_warm_up);
+    done while the runtime waits for its container, it is off the path to it, and the container's
+    init, forked from here, needs no move in that hierarchy at all.
+
+    Returns the undo for a container that never comes (move back, remove the directory), or None
+    when there is no cgroup2 hierarchy or the move failed (the create then works as usual)."""
+    global _prejoined
+    from cocon.runtime.cgroups.common import join, resolve_path
+    from cocon.runtime.cgroups.mountinfo import read_cgroup_mounts
+
+    try:
+        mounts = read_cgroup_mounts()
+        if mounts.unified is None:
+            return None
+        with open("/proc/self/cgroup") as f:
+            home = next((line.rstrip("\n").split(":", 2)[2] for line in f if line.startswith("0::")), None)
+        if home is None:
+            return None
+        target = join(mounts.unified, resolve_path(None, container_id))
+        os.makedirs(target, 0o755, exist_ok=True)
+        with open(os.path.join(target, "cgroup.procs"), "w") as f:
+            f.write("0")
+    except (OSError, ValueError, StopIteration):
+        return None
+    global _prejoin_origin
+    _prejoined = target
+    _prejoin_origin = join(mounts.unified, home) if home != "/" else mounts.unified
+
+    def undo() -> None:
+        leave_prejoined()
+        try:
+            os.rmdir(target)
+        except OSError:
+            pass
+
+    return undo
+
+
+def leave_prejoined() -> None:
+    """Move this process back out of the directory `prejoin` joined (before that cgroup is destroyed:
+    a runtime whose create failed must not kill itself with its container's processes)."""
+    global _prejoined
+    if not _prejoined:
+        return
+    try:
+        with open(os.path.join(_prejoin_origin, "cgroup.procs"), "w") as f:
+            f.write("0")
+    except OSError:
+        pass
+    _prejoined = ""
+
+
 # A warm-up started by the command line as soon as it knows the command, for `create` to use.
 _early_warm_up: Callable[[], None] | None = None
 _early_owner = 0  # the pid that started it: a forked child must not use its parent's
@@ -134,6 +207,8 @@ def start_attach_warm_up(*, early: bool = False) -> Callable[[], None]:
     call it before forking (and in any case: it also closes a file). Failures are ignored: this
     only changes timing.
     """
+    if _prejoined:
+        return _no_warm_up  # the container's cgroup2 directory was joined ahead (prejoin)
     global _early_warm_up, _early_owner
     if _early_warm_up is not None:
         started, _early_warm_up = _early_warm_up, None

@@ -84,7 +84,10 @@ class CgroupV1:
     # --- lifecycle ---
 
     def create(self, resources: Resources | None) -> None:
-        busy = sorted(p for d in self._leaf_dirs() for p in read_pids(os.path.join(d, "cgroup.procs")))
+        me = os.getpid()  # a runtime that joined ahead (cgroups.prejoin) is in it already
+        busy = sorted(
+            p for d in self._leaf_dirs() for p in read_pids(os.path.join(d, "cgroup.procs")) if p != me
+        )
         if busy:
             raise CgroupError(
                 f"linux.cgroupsPath: cgroup {self.path} already holds processes {busy}; use another "
@@ -344,7 +347,11 @@ class CgroupV1:
         for h in self._hierarchies:
             write_file(join(h.mountpoint, self.path), "tasks", "0", "linux.cgroupsPath")
         if self.unified is not None:
-            write_file(join(self.unified, self.path), "cgroup.procs", "0", "linux.cgroupsPath")
+            from cocon.runtime.cgroups import prejoined
+
+            target = join(self.unified, self.path)
+            if target != prejoined():  # forked from a runtime that joined it ahead: in it already
+                write_file(target, "cgroup.procs", "0", "linux.cgroupsPath")
 
     def pids(self) -> list[int]:
         pids: set[int] = set()

@@ -97,7 +97,8 @@ class CgroupV2:
     # --- lifecycle ---
 
     def create(self, resources: Resources | None) -> None:
-        busy = read_pids(os.path.join(self.dir, "cgroup.procs"))
+        me = os.getpid()  # a runtime that joined ahead (cgroups.prejoin) is in it already
+        busy = [p for p in read_pids(os.path.join(self.dir, "cgroup.procs")) if p != me]
         if busy:
             raise CgroupError(
                 f"linux.cgroupsPath: cgroup {self.path} already holds processes {busy}; use another "
@@ -324,8 +325,12 @@ class CgroupV2:
             raise
 
     def enter(self) -> None:
-        """Move the calling process into the cgroup."""
-        write_file(self.dir, "cgroup.procs", "0", "linux.cgroupsPath")
+        """Move the calling process into the cgroup (unless it was forked from a runtime that joined it
+        ahead: cgroups.prejoin)."""
+        from cocon.runtime.cgroups import prejoined
+
+        if self.dir != prejoined():
+            write_file(self.dir, "cgroup.procs", "0", "linux.cgroupsPath")
 
     def pids(self) -> list[int]:
         return sorted(tree_pids(self.dir))
