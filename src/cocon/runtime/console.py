@@ -72,11 +72,11 @@ def relay(master: int) -> None:
     saved = termios.tcgetattr(0) if stdin_tty else None
     if stdin_tty:
         tty.setraw(0)
-        rows, cols = os.get_terminal_size(0)
+        cols, rows = os.get_terminal_size(0)  # (columns, lines)
         set_size(master, rows, cols)
 
         def resize(_sig: int, _frame: object) -> None:
-            r, c = os.get_terminal_size(0)
+            c, r = os.get_terminal_size(0)
             set_size(master, r, c)
 
         signal.signal(signal.SIGWINCH, resize)
