@@ -4,7 +4,8 @@
 In a private COCON_ROOT/COCON_RUN (removed afterwards): bootstrap busybox from the host's
 busybox-static, run it with limits and print what the process sees from inside (its pid, hostname,
 user, capabilities, seccomp, limits, mounts), build a small image from a Containerfile, run it twice
-with a named volume that keeps a counter, and list images and volumes.
+with a named volume that keeps a counter, list images and volumes, and show one node daemon (which
+the first `cocon` command started) serving a detached container to both `cocon ps` and the docker CLI.
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def cocon(env: dict[str, str], *args: str, shown: str | None = None) -> None:
         raise SystemExit(f"cocon {args[0]} failed with exit status {code}")
 
 
+def stop_daemon(run: str) -> None:
+    """SIGTERM to the daemon the demo's first command started, and wait for it to go."""
+    import time
+
+    try:
+        with open(os.path.join(run, "cocon.pid")) as f:
+            pid = int(f.read().split()[0])
+        os.kill(pid, 15)
+    except (OSError, ValueError, IndexError):
+        return
+    for _ in range(400):
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        time.sleep(0.05)
+
+
 def unmount_below(path: str) -> None:
     """Unmount whatever an interrupted demo left mounted under `path`, deepest first."""
     real = os.path.realpath(path)
@@ -91,9 +108,20 @@ def main() -> int:
         cocon(env, "images")
         cocon(env, "volume", "ls")
         cocon(env, "image", "history", "demo-app:1")
+        cocon(env, "run", "-d", "--name", "demo-bg", "busybox", "sh", "-c", "echo started; sleep 600")
+        cocon(env, "ps")
+        docker = shutil.which("docker")
+        if docker is not None:
+            sock = f"unix://{run}/cocon.sock"
+            print(f"\n$ docker -H {sock} ps   # the docker CLI, same daemon", flush=True)
+            subprocess.run([docker, "-H", sock, "ps"], check=False)
+        cocon(env, "logs", "demo-bg")
+        cocon(env, "rm", "-f", "demo-bg")
         return 0
     finally:
+        subprocess.run([COCON, "rm", "-f", "demo-bg"], env=env, capture_output=True, check=False)
         subprocess.run([COCON, "volume", "rm", "-f", "demo-data"], env=env, capture_output=True, check=False)
+        stop_daemon(run)
         for d in (run, base):
             unmount_below(d)
             shutil.rmtree(d, ignore_errors=True)
