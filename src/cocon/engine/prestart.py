@@ -234,7 +234,7 @@ def _remove_pair_files(run_dir: str, root: str, cid: str, wait_for: str | None =
                     pid = int(f.read().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+            if pid <= 0 or _gone(pid):
                 break
             time.sleep(0.01)
     shutil.rmtree(os.path.join(run_dir, "instances", cid), ignore_errors=True)
@@ -244,6 +244,22 @@ def _remove_pair_files(run_dir: str, root: str, cid: str, wait_for: str | None =
         pass
     shutil.rmtree(os.path.join(root, "containers", cid), ignore_errors=True)
     remove_prejoined_cgroup(cid)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited: no such pid, or a zombie (reaped here if it is our child)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    if state not in ("Z", "X"):
+        return False
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return True
 
 
 def remove_prejoined_cgroup(cid: str) -> None:
