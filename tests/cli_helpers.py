@@ -192,6 +192,11 @@ def kill_prestarted(run_dir: str) -> None:
                 os.kill(int(entry), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            if not argv[0].endswith(b"conmon"):  # the cgroup2 directory it joined ahead
+                from cocon.engine.prestart import remove_prejoined_cgroup
+
+                fifo = argv[argv.index(b"--await") + 1].decode()
+                remove_prejoined_cgroup(os.path.basename(os.path.dirname(fifo)))
 
 
 def stop_daemon(run_dir: str, timeout: float = 20.0) -> None:
@@ -224,6 +229,20 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def reset_network(root: str, run: str) -> None:
+    """Everything cocon's networking made for this root (bridges, veths, its nftables table), as
+    cocon.engine.netattach names them: removed (after the daemon stopped and netns were unmounted)."""
+    if not os.path.exists(os.path.join(root, "networks.db")):
+        return
+    from cocon.engine.netattach import names_for
+    from cocon.network import NetworkStack
+
+    table, bridge = names_for(run)
+    os.makedirs(run, exist_ok=True)
+    NetworkStack(os.path.join(root, "networks.db"), os.path.join(run, "network"), table=table,
+                 default_bridge=bridge, upstreams=()).reset()  # fmt: skip
+
+
 def cocon_env_fixture(tmp_path: Any) -> Iterator[CoconEnv]:
     """For a fixture: a private root with busybox:latest; afterwards every container is removed and
     the test fails if it left mounts, snapshots, runtime state or cgroups behind."""
@@ -244,4 +263,5 @@ def cocon_env_fixture(tmp_path: Any) -> Iterator[CoconEnv]:
         for d in leaked_cgroups(before):
             remove_cgroup(d)
         unmount_all(run)
+        reset_network(root, run)
         shutil.rmtree(run, ignore_errors=True)

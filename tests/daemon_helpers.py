@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cli_helpers import COCON, kill_prestarted, new_root_with_busybox, unmount_all
+from cli_helpers import COCON, kill_prestarted, new_root_with_busybox, reset_network, unmount_all
 from cocon.api.http_client import HTTPClient
 
 DOCKER = shutil.which("docker") or "/usr/bin/docker"
@@ -155,6 +155,7 @@ def cleanup(daemon: Daemon, remove_run: bool = True) -> None:
     kill_prestarted(daemon.run)  # what a daemon killed by a test left waiting
     unmount_all(daemon.run)
     unmount_all(daemon.root)
+    reset_network(daemon.root, daemon.run)
     if remove_run:
         shutil.rmtree(daemon.run, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """docker-compose 1.29 (Debian's `docker-compose`, docker-py underneath, API version 1.38) against
 `cocon daemon`: a project of two busybox services and a named volume brought up, listed, logged,
-run once more and taken down. Services run without a network (cocon has no container networking
-yet): the project network is a record, which is all compose needs."""
+run once more and taken down. The project network is a real cocon network: one service reaches the
+other by its service name."""
 
 from __future__ import annotations
 
@@ -171,6 +171,10 @@ def test_up_ps_logs_down(project: Project) -> None:
     assert sorted(c["Name"] for c in net["Containers"].values()) == [
         f"{project.name}_web_1", f"{project.name}_worker_1",
     ]  # fmt: skip
+    addresses = [c["IPv4Address"] for c in net["Containers"].values()]
+    assert all(a.count(".") == 3 and "/" in a for a in addresses), net
+    ping = project("exec", "-T", "worker", "ping", "-c1", "-W2", "web")  # by service name (the DNS)
+    assert "1 packets received" in ping.stdout, ping.stdout
     volume = project.api(f"/v1.47/volumes/{project.name}_data")
     assert volume["Labels"]["com.docker.compose.project"] == project.name
     assert volume["Labels"]["com.docker.compose.volume"] == "data"

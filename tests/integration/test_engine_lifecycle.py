@@ -19,7 +19,17 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from cli_helpers import COCON, cgroup_dirs, mounts_under, new_root_with_busybox, remove_cgroup, unmount_all
+from cli_helpers import (
+    COCON,
+    cgroup_dirs,
+    kill_prestarted,
+    mounts_under,
+    new_root_with_busybox,
+    remove_cgroup,
+    reset_network,
+    stop_daemon,
+    unmount_all,
+)
 from cocon.engine.engine import Engine
 from cocon.engine.errors import Conflict, NotFound
 from cocon.engine.logs import log_files, read_logs
@@ -93,6 +103,7 @@ def env(tmp_path: Any) -> Iterator[Env]:
     e = Env(root, run)
     try:
         yield e
+        stop_daemon(run)  # one that `cocon` commands of the test started, with its pre-started runtime
         e.reopen()
         for rec in e.engine.instances.list():
             e.ids.add(rec.id)
@@ -111,6 +122,8 @@ def env(tmp_path: Any) -> Iterator[Env]:
         containers = os.path.join(root, "containers")
         assert not os.path.isdir(containers) or os.listdir(containers) == [], "logs left behind"
     finally:
+        stop_daemon(run)
+        kill_prestarted(run)
         for pid in conmon_pids(run):
             os.kill(pid, signal.SIGKILL)
         try:

@@ -212,7 +212,9 @@ def test_volume_copy_never_follows_a_symlink_out_of_the_image(engine: Engine, tm
     os.symlink("/../../../../etc", os.path.join(layer, "data"))  # absolute: the image's own /etc
     commit_image(engine, [layer], {"Cmd": ["ls", "/data"]}, "linky")
     code, _, _ = run(
-        engine, str(tmp_path), {"Image": "linky", "HostConfig": {"Binds": ["vv:/data"], "AutoRemove": True}}
+        engine,
+        str(tmp_path),
+        {"Image": "linky", "HostConfig": {"Binds": ["vv:/data"], "AutoRemove": True, "NetworkMode": "none"}},
     )
     assert code == 0
     copied = sorted(os.listdir(engine.volumes.data_dir("vv")))
@@ -254,7 +256,7 @@ def test_bad_requests(engine: Engine) -> None:
         {"Image": "busybox", "HostConfig": {"Binds": ["/x:/y:rw,ro"]}},
         {"Image": "busybox", "HostConfig": {"Tmpfs": {"/t": "bogus"}}},
         {"Image": "busybox", "HostConfig": {"SecurityOpt": ["apparmor=x"]}},
-        {"Image": "busybox", "HostConfig": {"NetworkMode": "bridge"}},
+        {"Image": "busybox", "HostConfig": {"NetworkMode": "container:abc"}},
         {"Image": "busybox", "HostConfig": {"Isolation": "vm"}},
         {"Image": "busybox", "HostConfig": {"Isolation": "nonsense"}},
         {"Image": "busybox", "Hostname": "bad_host!"},

@@ -186,7 +186,7 @@ class Client:
         raise NotImplementedError
 
     def container_port(self, container: str) -> dict[str, Any]:
-        """Published ports, Docker's `NetworkSettings.Ports` (empty until bridged networking)."""
+        """Published ports, Docker's `NetworkSettings.Ports` ({"80/tcp": [{"HostIp", "HostPort"}]})."""
         raise NotImplementedError
 
     # --- images ------------------------------------------------------------------------------------
@@ -288,6 +288,35 @@ class Client:
 
     def volume_prune(self, *, all: bool = False) -> dict[str, Any]:
         """`POST /volumes/prune`: {"VolumesDeleted": [...] | None, "SpaceReclaimed": bytes}."""
+        raise NotImplementedError
+
+    # --- networks ----------------------------------------------------------------------------------
+    def network_create(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`POST /networks/create`: Docker's body (Name, Internal, EnableIPv6, Labels, Options,
+        IPAM{Config: [{Subnet, Gateway, IPRange}]}); {"Id", "Warning"}."""
+        raise NotImplementedError
+
+    def network_list(self) -> list[dict[str, Any]]:
+        """`GET /networks`."""
+        raise NotImplementedError
+
+    def network_inspect(self, name: str) -> dict[str, Any]:
+        """`GET /networks/{id}`: with IPAM.Config and the containers' addresses."""
+        raise NotImplementedError
+
+    def network_remove(self, name: str) -> None:
+        """`DELETE /networks/{id}` (409/403 while containers use it)."""
+        raise NotImplementedError
+
+    def network_connect(
+        self, name: str, container: str, *, aliases: Sequence[str] = (), ip: str | None = None,
+        ip6: str | None = None,
+    ) -> None:  # fmt: skip
+        """`POST /networks/{id}/connect`: a running container at once, else at its next start."""
+        raise NotImplementedError
+
+    def network_disconnect(self, name: str, container: str, *, force: bool = False) -> None:
+        """`POST /networks/{id}/disconnect`."""
         raise NotImplementedError
 
     # --- events ------------------------------------------------------------------------------------

@@ -336,6 +336,22 @@ def _start_prestart(cfg: Config) -> None:
     prestart.enable(cfg.root, cfg.run)
 
 
+def _restore_network(cfg: Config) -> None:
+    """Bridges, firewall and DNS from the database (cocon.engine.netattach.restore); a failure is
+    logged, not fatal (containers without networking still run)."""
+    from cocon.engine import netattach
+    from cocon.engine.engine import Engine
+    from cocon.engine.errors import EngineError
+
+    engine = Engine(cfg.root, cfg.run)
+    try:
+        netattach.restore(engine)
+    except (EngineError, OSError) as exc:
+        _log().warning("network restore: %s", exc)
+    finally:
+        engine.close()
+
+
 class _MonitorThread:
     """cocon.engine.monitor.Monitor in a thread of its own, with an engine of its own (SQLite
     connections belong to one thread): `restore()` (live-restore reconciliation: collect what ended
@@ -410,8 +426,12 @@ async def serve(cfg: Config) -> None:
             else:
                 sockets.append((listener, tcp_listener(listener)))
         ctx = Context(cfg.root, cfg.run, workers=cfg.workers, max_upload=cfg.max_upload)
+        from cocon.engine import netattach
+
+        netattach.enable_dns()  # this process serves the user networks' DNS
         monitor = _MonitorThread(cfg.root, cfg.run)  # live restore, then restart policies, health checks
         await asyncio.get_running_loop().run_in_executor(None, monitor.start)
+        await asyncio.get_running_loop().run_in_executor(None, _restore_network, cfg)
         await asyncio.get_running_loop().run_in_executor(None, _start_prestart, cfg)
         app = make_app(ctx, auth_token=token)
         runner = web.AppRunner(
@@ -439,7 +459,9 @@ async def serve(cfg: Config) -> None:
             await runner.cleanup()
         if monitor is not None:
             monitor.stop()
-        from cocon.engine import prestart
+        from cocon.engine import netattach, prestart
+
+        netattach.close_all()  # DNS listeners; links and rules stay for the running containers
 
         prestart.disable(cfg.run)  # cancels the pre-started runtimes nobody used
         if ctx is not None:

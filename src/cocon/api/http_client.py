@@ -565,6 +565,36 @@ class HTTPClient(ContainerRequests):
         result: dict[str, Any] = self.call("POST", API_PREFIX + "/volumes/prune", params)
         return result
 
+    # --- networks ----------------------------------------------------------------------------------
+    def network_create(self, config: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("POST", API_PREFIX + "/networks/create", doc=config)
+        return result
+
+    def network_list(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("GET", API_PREFIX + "/networks")
+        return result
+
+    def network_inspect(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", f"{API_PREFIX}/networks/{quote(name)}")
+        return result
+
+    def network_remove(self, name: str) -> None:
+        self.call("DELETE", f"{API_PREFIX}/networks/{quote(name)}")
+
+    def network_connect(
+        self, name: str, container: str, *, aliases: Sequence[str] = (), ip: str | None = None,
+        ip6: str | None = None,
+    ) -> None:  # fmt: skip
+        endpoint: dict[str, Any] = {"Aliases": list(aliases)}
+        if ip or ip6:
+            endpoint["IPAMConfig"] = {k: v for k, v in (("IPv4Address", ip), ("IPv6Address", ip6)) if v}
+        doc = {"Container": container, "EndpointConfig": endpoint}
+        self.call("POST", f"{API_PREFIX}/networks/{quote(name)}/connect", doc=doc)
+
+    def network_disconnect(self, name: str, container: str, *, force: bool = False) -> None:
+        doc = {"Container": container, "Force": force}
+        self.call("POST", f"{API_PREFIX}/networks/{quote(name)}/disconnect", doc=doc)
+
 
 def familiar(name: str) -> str:
     """A name as Docker shows it: `docker.io/library/busybox` → `busybox:latest`."""

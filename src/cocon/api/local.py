@@ -253,8 +253,13 @@ class LocalClient(Client):
             self.supervisor.copy(container, src=source, path=path)
 
     def container_port(self, container: str) -> dict[str, Any]:
+        from cocon.engine import netattach
+
         with _errors:
-            return self.supervisor.ports(container)
+            rec = self.engine.instances.get(container)
+            eps = netattach.live_endpoints(self.engine, [rec.id]).get(rec.id, [])
+            ports: dict[str, Any] = netattach.settings(rec, eps, {})["Ports"]
+            return ports
 
     # --- images ------------------------------------------------------------------------------------
     def image_list(self, *, all: bool = False, dangling: bool | None = None) -> list[dict[str, Any]]:
@@ -367,6 +372,55 @@ class LocalClient(Client):
     def volume_prune(self, *, all: bool = False) -> dict[str, Any]:
         with _errors:
             return self.engine.imageops.volume_prune(all=all)
+
+    # --- networks (the daemon's route logic, cocon.api.docker.networks, in this process) -----------
+    def _networks(self, fn: Any, *args: Any) -> Any:
+        from cocon.api.docker.common import HTTPError
+
+        try:
+            with _errors:
+                return fn(self.engine, *args)
+        except HTTPError as exc:
+            raise APIError(exc.message, exc.status) from None
+
+    def network_create(self, config: dict[str, Any]) -> dict[str, Any]:
+        from cocon.api.docker import networks
+
+        result: dict[str, Any] = self._networks(networks.network_create, config)
+        return result
+
+    def network_list(self) -> list[dict[str, Any]]:
+        from cocon.api.docker import networks
+
+        result: list[dict[str, Any]] = self._networks(networks._list, {})
+        return result
+
+    def network_inspect(self, name: str) -> dict[str, Any]:
+        from cocon.api.docker import networks
+
+        result: dict[str, Any] = self._networks(networks.network_inspect, name)
+        return result
+
+    def network_remove(self, name: str) -> None:
+        from cocon.api.docker import networks
+
+        self._networks(networks.network_remove, name)
+
+    def network_connect(
+        self, name: str, container: str, *, aliases: Sequence[str] = (), ip: str | None = None,
+        ip6: str | None = None,
+    ) -> None:  # fmt: skip
+        from cocon.api.docker import networks
+
+        endpoint: dict[str, Any] = {"Aliases": list(aliases)}
+        if ip or ip6:
+            endpoint["IPAMConfig"] = {k: v for k, v in (("IPv4Address", ip), ("IPv6Address", ip6)) if v}
+        self._networks(networks.network_connect, name, {"Container": container, "EndpointConfig": endpoint})
+
+    def network_disconnect(self, name: str, container: str, *, force: bool = False) -> None:
+        from cocon.api.docker import networks
+
+        self._networks(networks.network_disconnect, name, {"Container": container, "Force": force})
 
     def events(
         self,

@@ -43,7 +43,7 @@ def _parser_class() -> type[argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cocon.cli import build, containers, daemon, events, images, run, volumes
+    from cocon.cli import build, containers, daemon, events, images, networks, run, volumes
 
     parser = _parser_class()(
         prog="cocon",
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     images.register(sub)
     build.register(sub)
     volumes.register(sub)
+    networks.register(sub)
     daemon.register(sub)
     events.register(sub)
     return parser

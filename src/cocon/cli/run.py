@@ -141,9 +141,21 @@ FLAGS: tuple[tuple[tuple[str, ...], str, str, str | None, str], ...] = (
         ("--network", "--net"),
         "network",
         "value",
-        "MODE",
-        "none (default: an own, empty network namespace) or host",
+        "NETWORK",
+        "bridge (the default bridge network), a user network's name, none (only lo) or host",
     ),
+    (("--network-alias",), "network_alias", "list", "NAME", "another name on the user network"),
+    (("--ip",), "ip", "value", "ADDRESS", "the container's IPv4 address on its user network"),
+    (("--ip6",), "ip6", "value", "ADDRESS", "the container's IPv6 address on its user network"),
+    (
+        ("-p", "--publish"),
+        "publish",
+        "list",
+        "[IP:][HOST:]PORT[/PROTO]",
+        "publish a container port on the host (no HOST port: a free one)",
+    ),
+    (("-P", "--publish-all"), "publish_all", "bool", None, "publish every EXPOSEd port on a free host port"),
+    (("--expose",), "expose", "list", "PORT[/PROTO]", "expose a port (published with -P)"),
 )
 
 _BY_NAME = {name: (dest, kind) for names, dest, kind, _, _ in FLAGS for name in names}
@@ -322,6 +334,63 @@ def read_env_file(path: str, environ: Mapping[str, str]) -> list[str]:
     return out
 
 
+def parse_publish(text: str) -> tuple[str, str, str]:
+    """`-p [IP:][HOST_PORT:]PORT[/PROTO]` (IPv6 IP in brackets) → ("PORT/PROTO", host ip, host port)."""
+    spec, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    host_ip = ""
+    if spec.startswith("["):
+        end = spec.find("]:")
+        if end < 0:
+            raise UsageError(f"invalid -p {text!r}: write an IPv6 address as [ADDR]:HOST_PORT:PORT")
+        host_ip, spec = spec[1:end], spec[end + 2 :]
+        parts = spec.split(":")
+        if len(parts) == 1:
+            parts = ["", *parts]
+    else:
+        parts = spec.split(":")
+        if len(parts) == 3:
+            host_ip, parts = parts[0], parts[1:]
+    if len(parts) == 1:
+        parts = ["", *parts]
+    host_port, port = parts if len(parts) == 2 else ("", "")
+    ok = proto in ("tcp", "udp") and port.isdigit() and 0 < int(port) < 65536
+    if not ok or (host_port and not (host_port.isdigit() and 0 < int(host_port) < 65536)):
+        raise UsageError(f"invalid -p {text!r}: use [HOST_IP:][HOST_PORT:]PORT[/tcp|udp], e.g. 8080:80")
+    return f"{int(port)}/{proto}", host_ip, host_port
+
+
+def _network_request(opts: RunOptions, body: dict[str, Any], host: dict[str, Any]) -> None:
+    """-p, -P, --expose, --ip, --ip6, --network-alias as Docker's create body has them."""
+    bindings: dict[str, list[dict[str, str]]] = {}
+    exposed: dict[str, Any] = {}
+    for text in opts.publish:
+        key, host_ip, host_port = parse_publish(text)
+        bindings.setdefault(key, []).append({"HostIp": host_ip, "HostPort": host_port})
+        exposed[key] = {}
+    for text in opts.expose:
+        port, _, proto = text.partition("/")
+        if not port.isdigit() or (proto or "tcp") not in ("tcp", "udp"):
+            raise UsageError(f"invalid --expose {text!r}: use PORT[/tcp|udp]")
+        exposed[f"{int(port)}/{proto or 'tcp'}"] = {}
+    if bindings:
+        host["PortBindings"] = bindings
+    if exposed:
+        body["ExposedPorts"] = exposed
+    if opts.publish_all:
+        host["PublishAllPorts"] = True
+    if opts.ip or opts.ip6 or opts.network_alias:
+        network = opts.network or "bridge"
+        endpoint: dict[str, Any] = {}
+        if opts.network_alias:
+            endpoint["Aliases"] = list(opts.network_alias)
+        if opts.ip or opts.ip6:
+            endpoint["IPAMConfig"] = {
+                k: v for k, v in (("IPv4Address", opts.ip), ("IPv6Address", opts.ip6)) if v
+            }
+        body["NetworkingConfig"] = {"EndpointsConfig": {network: endpoint}}
+
+
 def build_request(opts: RunOptions, environ: Mapping[str, str]) -> tuple[dict[str, Any], str | None]:
     """The Docker create body for `opts`, and the container name."""
     env: list[str] = []
@@ -403,7 +472,10 @@ def build_request(opts: RunOptions, environ: Mapping[str, str]) -> tuple[dict[st
         host["SecurityOpt"] = [_security_opt(o) for o in opts.security_opt]
     if opts.isolation is not None:
         host["Isolation"] = opts.isolation
-    host["NetworkMode"] = opts.network or "none"  # cocon's default until bridged networks exist
+    if opts.network:  # none given: Docker's default, the default bridge network
+        host["NetworkMode"] = opts.network
+    if opts.publish or opts.publish_all or opts.expose or opts.ip or opts.ip6 or opts.network_alias:
+        _network_request(opts, body, host)
     if opts.tty:
         for fd in (0, 1):  # the terminal's size from the first instant (docker's ConsoleSize)
             try:

@@ -216,12 +216,10 @@ class Containers:
         name = validate_name(name) if name else None
         limits = self._limits(host)
         seccomp = self._seccomp(host, warnings)
-        network = host.get("NetworkMode") or "none"
-        if network not in ("none", "host"):
-            raise InvalidRequest(
-                f"network {network!r} is not available yet: use --network none or --network host"
-            )
         info = self.e.image_for_run(image_ref)
+        from cocon.engine.netattach import plan
+
+        net = plan(self.e, body, host, info.config)  # the network mode, endpoints and published ports
         args = effective_args(info.config, body)
         if not args:
             raise InvalidRequest(
@@ -241,7 +239,7 @@ class Containers:
             "Mounts": mounts,
             "Seccomp": seccomp,
             "Limits": limits,
-            "Network": network,
+            **net,
             "Path": args[0],
             "Args": args[1:],
             "AutoRemove": bool(host.get("AutoRemove")),
@@ -470,6 +468,9 @@ class Containers:
         try:
             if first_start:
                 self._populate_volumes(rec, rootfs)
+            from cocon.engine import netattach
+
+            network, net_mounts = netattach.up(self.e, rec)  # a netns on its networks, resolv.conf…
             limits = cfg["Limits"]
             process = {
                 k: body[k]
@@ -480,11 +481,11 @@ class Containers:
                 id=rec.id, state_dir=self._state_dir(rec.id), rootfs=rootfs, image_id=rec.image,
                 image_config=self._config_blob(rec.image), process=process, hostname=cfg["Hostname"],
                 terminal=bool(body.get("Tty")),
-                read_only=limits["ReadonlyRootfs"], mounts=_oci_mounts(cfg["Mounts"]),
+                read_only=limits["ReadonlyRootfs"], mounts=_oci_mounts(cfg["Mounts"]) + net_mounts,
                 cap_add=limits["CapAdd"],
                 cap_drop=limits["CapDrop"], seccomp=cfg["Seccomp"], memory=limits["Memory"],
                 memory_swap=limits["MemorySwap"], cpus=limits["Cpus"], pids_limit=limits["PidsLimit"],
-                network=cfg["Network"], cgroups_path=None,
+                network=network, cgroups_path=None,
             )  # fmt: skip
             handle = driver.create(icfg, stdio)
             driver.start(handle)
@@ -545,6 +546,7 @@ class Containers:
             pass
         if handle is not None and handle.pty >= 0:
             os.close(handle.pty)
+        _network_down(self.e, rec)
         try:
             self._unmount(rec)
         except Exception:
@@ -599,6 +601,7 @@ class Containers:
             driver.delete(rec.id, force=True)
         except Exception as exc:
             errors.append(str(exc))
+        _network_down(self.e, rec, errors)
         if rec.config.get("AutoRemove"):
             try:
                 self._remove_all(rec, volumes=True)
@@ -685,6 +688,7 @@ class Containers:
             self.e.snapshotter.remove(rec.snapshot)
         except Exception as exc:
             raise EngineError(f"cannot remove container {rec.name}: {exc}") from None
+        _network_down(self.e, rec)
         _remove_dir(self._state_dir(rec.id))
         anonymous = [v for v, anon in self.e.instances.volumes_of(rec.id) if anon] if volumes else []
         self.e.instances.delete(rec.id)
@@ -833,6 +837,17 @@ def _status_text(rec: InstanceRecord, status: str, now: float) -> str:
     if status == "dead":
         return "Dead"
     return "Created"
+
+
+def _network_down(engine: Engine, rec: InstanceRecord, errors: list[str] | None = None) -> None:
+    """Off its networks, its namespace deleted (cocon.engine.netattach; nothing for none/host)."""
+    from cocon.engine import netattach
+
+    try:
+        netattach.down(engine, rec)
+    except Exception as exc:
+        if errors is not None:
+            errors.append(str(exc))
 
 
 def _remove_dir(path: str) -> None:

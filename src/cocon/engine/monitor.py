@@ -88,13 +88,18 @@ def backoff(rec: InstanceRecord) -> float:
     return float(min(BACKOFF_START * (2**streak), BACKOFF_MAX))
 
 
-def _restart(sup: Supervisor, rec: InstanceRecord) -> None:
-    ran = (rec.finished or 0) - (rec.started or 0)
-    cfg = rec.config
-    cfg["RestartCount"] = int(cfg.get("RestartCount", 0)) + 1
-    cfg["BackoffStreak"] = 0 if ran >= BACKOFF_RESET_AFTER else int(cfg.get("BackoffStreak", 0)) + 1
-    sup.e.instances.update(rec.id, config=cfg)
-    sup.start(rec.id)
+def _restart(sup: Supervisor, rec: InstanceRecord) -> bool:
+    """Start it again with its restart count raised, if the record read under the container's lock
+    still wants it: a user's `stop` that came in between wins (it marks the record under that lock)."""
+
+    def bump(cur: InstanceRecord) -> dict[str, Any]:
+        ran = (cur.finished or 0) - (cur.started or 0)
+        cfg = cur.config
+        cfg["RestartCount"] = int(cfg.get("RestartCount", 0)) + 1
+        cfg["BackoffStreak"] = 0 if ran >= BACKOFF_RESET_AFTER else int(cfg.get("BackoffStreak", 0)) + 1
+        return cfg
+
+    return sup.start_for_policy(rec.id, wants_restart, bump)
 
 
 def monitor_running(run_dir: str) -> bool:
@@ -126,8 +131,7 @@ def apply_restart_policy(sup: Supervisor, instance_id: str) -> bool:
         return False
     if not wants_restart(rec):
         return False
-    _restart(sup, rec)
-    return True
+    return _restart(sup, rec)
 
 
 class Monitor:
@@ -148,7 +152,8 @@ class Monitor:
 
         os.makedirs(self.e.run_dir, 0o700, exist_ok=True)
         with open(os.path.join(self.e.run_dir, "monitor.pid"), "w") as f:
-            f.write(f"{os.getpid()} {process_start(os.getpid()) or 0}")
+            # with the newline: `read` in conmon's exit command (a shell) fails at EOF without one
+            f.write(f"{os.getpid()} {process_start(os.getpid()) or 0}\n")
 
     def restore(self) -> list[str]:
         """At daemon start: collect what ended while nobody watched, start `always` containers that

@@ -290,8 +290,28 @@ class Supervisor:
                 rec = self._get(rec.id)
             self._start_locked(rec, on_created)
 
+    def start_for_policy(
+        self,
+        ref: str,
+        wants: Callable[[InstanceRecord], bool],
+        bump: Callable[[InstanceRecord], dict[str, Any]],
+    ) -> bool:
+        """A start by the container's restart policy: under the container's lock, and only if the
+        record read there still `wants` it (a user's stop marks it under the same lock, so it cannot
+        fall between the check and the start); `bump(rec)` gives the config to record first (the
+        restart count). True when it was started."""
+        rec = self._get(ref)
+        with self.lock(rec.id):
+            rec = self._get(rec.id)
+            if self.status(rec) != "exited" or not wants(rec):
+                return False
+            self.e.instances.update(rec.id, config=bump(rec))
+            self._start_locked(self._get(rec.id), None)
+        return True
+
     def _start_locked(self, rec: InstanceRecord, on_created: Callable[[InstanceRecord], None] | None) -> None:
         from cocon.engine import containers as C
+        from cocon.engine import netattach
         from cocon.isolation.base import Handle, InstanceConfig, IsolationError
         from cocon.isolation.container import exit_code_for, make_workdir
 
@@ -307,6 +327,7 @@ class Supervisor:
         try:
             if first_start:
                 ct._populate_volumes(rec, rootfs)
+            network, net_mounts = netattach.up(self.e, rec)  # networking: netns joined by path, /etc files
             limits = cfg["Limits"]
             process = {
                 k: body[k]
@@ -317,10 +338,10 @@ class Supervisor:
                 id=rec.id, state_dir=bundle, rootfs=rootfs, image_id=rec.image,
                 image_config=ct._config_blob(rec.image), process=process, hostname=cfg["Hostname"],
                 terminal=bool(body.get("Tty")), read_only=limits["ReadonlyRootfs"],
-                mounts=C._oci_mounts(cfg["Mounts"]), cap_add=limits["CapAdd"], cap_drop=limits["CapDrop"],
-                seccomp=cfg["Seccomp"], memory=limits["Memory"], memory_swap=limits["MemorySwap"],
-                cpus=limits["Cpus"], pids_limit=limits["PidsLimit"], network=cfg["Network"],
-                cgroups_path=None,
+                mounts=C._oci_mounts(cfg["Mounts"]) + net_mounts, cap_add=limits["CapAdd"],
+                cap_drop=limits["CapDrop"], seccomp=cfg["Seccomp"], memory=limits["Memory"],
+                memory_swap=limits["MemorySwap"], cpus=limits["Cpus"], pids_limit=limits["PidsLimit"],
+                network=network, cgroups_path=None,
             )  # fmt: skip
             config_for = getattr(driver, "config_for", None)
             if config_for is None:
@@ -349,6 +370,7 @@ class Supervisor:
                 msg = str(exc)
                 raise StartFailed(msg, exit_code_for(msg)) from None
         except BaseException as exc:
+            C._network_down(self.e, rec)  # networking
             self._start_failed(rec, str(exc), exc.exit_code if isinstance(exc, StartFailed) else 125)
             if isinstance(exc, (OSError, ValueError, KeyError)):
                 raise StartFailed(f"cannot start container {rec.name}: {exc}") from None
@@ -504,6 +526,9 @@ class Supervisor:
             self.e.containers._unmount(rec)
         except Exception as exc:
             errors.append(str(exc))
+        from cocon.engine.containers import _network_down
+
+        _network_down(self.e, rec, errors)  # networking: off its networks, netns deleted
         _remove_tree(self.bundle(rec.id))
         _remove(self.exit_file(rec.id))
         self._event(rec, "die", {"exitCode": str(code)})
@@ -572,7 +597,9 @@ class Supervisor:
         """Docker's stop: the stop signal, then SIGKILL after `timeout` seconds (the create body's
         StopTimeout, else 10); a stopped container is left as it is. Returns the id."""
         rec = self._get(ref)
-        self._mark_stopped(rec)
+        with self.lock(rec.id):  # serialized with a restart by the policy (start_for_policy)
+            rec = self._get(rec.id)
+            self._mark_stopped(rec)
         if self.status(rec) not in ("running", "paused"):
             self.collect(rec.id)
             return rec.id

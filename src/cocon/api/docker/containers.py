@@ -7,13 +7,12 @@ then wait, then start. An attach to a container that is not running yet is parke
 start: the start's `on_created` hook (conmon holds the created container, its process has not run
 yet) connects to conmon's attach socket for each parked attach, so no output is lost.
 
-NetworkMode: the docker CLI sends "default" on every `docker run`. Until cocon has container
-networking, "default" and "bridge" are mapped to "none" with a line in the answer's Warnings (the
-CLI prints it): refusing them would make every plain `docker run` fail. "none" and "host" are
-honoured. A user network (`--network NAME`, docker-compose's `PROJECT_default`) must exist; the
-container is recorded as its endpoint with the aliases of NetworkingConfig.EndpointsConfig
-(cocon.engine.networks) and also runs without a network, with the same warning: inspect shows the
-network and its aliases, but there is no connectivity yet.
+NetworkMode: "default" (what the docker CLI sends) and "bridge" put the container on the default
+bridge network, a user network's name (`--network NAME`, docker-compose's `PROJECT_default`) on that
+network, "none" and "host" as Docker. NetworkingConfig.EndpointsConfig (aliases, IPAMConfig
+addresses), HostConfig.PortBindings and PublishAllPorts go to the engine (cocon.engine.netattach),
+which attaches the container at start; user-network memberships are also recorded as endpoints of
+cocon.engine.networks (what `docker network inspect`/`rm` and docker-compose look at).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ from cocon.engine.errors import NotFound
 
 if TYPE_CHECKING:
     from cocon.engine.engine import Engine
-    from cocon.engine.networks import Endpoint, Network
+    from cocon.engine.networks import Network
 
 PENDING_KEY: web.AppKey[dict[str, list[asyncio.Future[socket.socket]]]] = web.AppKey("cocon_attach")
 
@@ -57,6 +56,7 @@ PENDING_KEY: web.AppKey[dict[str, list[asyncio.Future[socket.socket]]]] = web.Ap
 _CONFIG_FIELDS = {
     "Image", "Cmd", "Entrypoint", "Env", "WorkingDir", "User", "Hostname", "Tty", "OpenStdin",
     "StdinOnce", "Labels", "StopSignal", "StopTimeout", "Healthcheck", "Volumes", "HostConfig",
+    "ExposedPorts", "NetworkingConfig",
 }  # fmt: skip
 # Informational fields (what the client will attach to, ports to publish later, …): accepted as sent.
 # NetworkingConfig is checked by _check_networks.
@@ -64,21 +64,19 @@ _INFO_FIELDS = {
     "AttachStdin",
     "AttachStdout",
     "AttachStderr",
-    "ExposedPorts",
-    "NetworkingConfig",
     "Domainname",
 }
 _BUILTIN_NETWORKS = ("default", "bridge", "none", "host")
 _HOST_FIELDS = {
     "AutoRemove", "Binds", "Tmpfs", "ReadonlyRootfs", "Memory", "MemorySwap", "NanoCpus", "PidsLimit",
     "CapAdd", "CapDrop", "SecurityOpt", "NetworkMode", "RestartPolicy", "LogConfig", "Isolation",
-    "ConsoleSize",
+    "ConsoleSize", "PortBindings", "PublishAllPorts",
 }  # fmt: skip
 # HostConfig fields the docker CLI always sends, accepted with their neutral values only.
 _HOST_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "CgroupnsMode": ("", "private", "host"), "IpcMode": ("", "private", "shareable"),
     "PidMode": ("",), "UTSMode": ("",), "UsernsMode": ("",), "Privileged": (False,),
-    "PublishAllPorts": (False,), "OomKillDisable": (False,), "Init": (None,), "ShmSize": (0,),
+    "OomKillDisable": (False,), "Init": (None,), "ShmSize": (0,),
     "MemorySwappiness": (-1,), "OomScoreAdj": (0,), "VolumeDriver": ("", "local"),
     "Runtime": ("", "runc", "cocon"), "MaskedPaths": (), "ReadonlyPaths": (),
 }  # fmt: skip
@@ -190,15 +188,10 @@ def _check_host(host: dict[str, Any], body: dict[str, Any], warnings: list[str])
     else:
         raise bad_request(f"unknown isolation {isolation!r}: use default, process or container")
     network = str(out.get("NetworkMode") or "default")
-    if network not in ("none", "host"):
-        if network.startswith("container:"):
-            raise bad_request(
-                f"network mode {network!r} is not supported yet: use --network none or --network host"
-            )
-        out["NetworkMode"] = "none"
-        warnings.append(
-            f"network mode {network!r} is not available yet: the container runs without a network "
-            "(as with --network none); use --network host for the host's network"
+    if network.startswith("container:"):
+        raise bad_request(
+            f"network mode {network!r} is not supported yet: use the default bridge, a user network, "
+            "--network none or --network host"
         )
     log = out.get("LogConfig")
     if isinstance(log, dict):
@@ -545,34 +538,48 @@ def _list(
         items = keep
     if limit > 0:
         items = items[:limit]
-    endpoints: dict[str, list[Endpoint]] = {}
-    modes: dict[str, str] = {}
-    if items:
-        for ep in e.networks.endpoints():
-            endpoints.setdefault(ep.container_id, []).append(ep)
-        modes = e.networks.modes()
+    from cocon.engine import netattach
+
+    live = netattach.live_endpoints(e, [i["Id"] for i in items]) if items else {}
+    net_ids = {n.name: n.id for n in e.networks.list()} if items else {}
+    out = []
     for i in items:
-        i.setdefault("Ports", [])
-        nets = _network_settings(endpoints.get(i["Id"], []), version)
-        i.setdefault("HostConfig", {"NetworkMode": modes.get(i["Id"]) or "none"})
-        i.setdefault("NetworkSettings", {"Networks": nets})
+        try:
+            rec = e.instances.get(i["Id"])
+        except NotFound:
+            continue  # removed meanwhile
+        out.append(i)
+        eps = live.get(i["Id"], [])
+        settings = _network_settings(e, rec, eps, net_ids, version)
+        i.setdefault("Ports", netattach.port_list(eps))
+        i.setdefault("HostConfig", {"NetworkMode": _mode(rec)})
+        i.setdefault("NetworkSettings", {"Networks": settings["Networks"]})
         i.setdefault("SizeRw", None)
-    return items
+    return out
 
 
-def _network_settings(endpoints: list[Endpoint], version: tuple[int, int]) -> dict[str, Any]:
-    """NetworkSettings.Networks from a container's endpoint records. Before API 1.45 Docker lists
-    the short ID among the aliases (docker-compose 1.29 looks for it), since then in DNSNames."""
-    nets: dict[str, Any] = {}
-    for ep in endpoints:
-        doc = ep.to_docker()
-        short = ep.container_id[:12]
-        if version < (1, 45):
-            doc["Aliases"] = [*ep.aliases, short] if short not in ep.aliases else list(ep.aliases)
-        else:
-            doc["DNSNames"] = list(dict.fromkeys([ep.container_name, short, *ep.aliases]))
-        nets[ep.network_name] = doc
-    return nets
+def _mode(rec: Any) -> str:
+    mode = str(rec.config.get("Network") or "none")
+    given = str((rec.config["Create"].get("HostConfig") or {}).get("NetworkMode") or "")
+    return given if mode == "bridge" and given in ("default", "bridge") else mode
+
+
+def _network_settings(
+    e: Engine, rec: Any, eps: list[Any], net_ids: dict[str, str], version: tuple[int, int]
+) -> dict[str, Any]:
+    """NetworkSettings (cocon.engine.netattach.settings). Before API 1.45 Docker lists the short ID
+    among a user network's aliases (docker-compose 1.29 looks for it), since then in DNSNames."""
+    from cocon.engine import netattach
+
+    settings = netattach.settings(rec, eps, net_ids)
+    short = rec.id[:12]
+    for name, doc in settings["Networks"].items():
+        if version < (1, 45) and name not in ("bridge", "none", "host"):
+            aliases = list(doc.get("Aliases") or [])
+            doc["Aliases"] = aliases if short in aliases else [*aliases, short]
+        if version < (1, 44):
+            doc.pop("DNSNames", None)
+    return settings
 
 
 async def list_containers(request: web.Request) -> web.StreamResponse:
@@ -601,7 +608,6 @@ def _inspect(e: Engine, ref: str, version: tuple[int, int]) -> dict[str, Any]:
     if cfg.get("Env") is None:
         cfg["Env"] = []
     host = doc.setdefault("HostConfig", {})
-    host.setdefault("NetworkMode", rec.config.get("Network", "none"))
     host.setdefault("AutoRemove", bool(rec.config.get("AutoRemove")))
     host.setdefault("RestartPolicy", {"Name": "no", "MaximumRetryCount": 0})
     host.setdefault("LogConfig", {"Type": "json-file", "Config": {}})
@@ -614,11 +620,18 @@ def _inspect(e: Engine, ref: str, version: tuple[int, int]) -> dict[str, Any]:
     doc.setdefault("ProcessLabel", "")
     doc.setdefault("AppArmorProfile", "")
     doc.setdefault("ExecIDs", None)
-    nets = _network_settings(e.networks.endpoints(container_id=rec.id), version)
-    mode = e.networks.modes().get(rec.id)
-    if mode:
-        host["NetworkMode"] = mode
-    doc.setdefault("NetworkSettings", {"Networks": nets, "Ports": {}})
+    from cocon.engine import netattach
+
+    eps = netattach.live_endpoints(e, [rec.id]).get(rec.id, [])
+    host["NetworkMode"] = _mode(rec)
+    doc["NetworkSettings"] = _network_settings(
+        e, rec, eps, {n.name: n.id for n in e.networks.list()}, version
+    )
+    if eps:
+        files = netattach.files_dir(e, rec.id)
+        doc["ResolvConfPath"] = f"{files}/resolv.conf"
+        doc["HostnamePath"] = f"{files}/hostname"
+        doc["HostsPath"] = f"{files}/hosts"
     doc["State"].setdefault("Restarting", False)
     return doc
 

@@ -1,10 +1,11 @@
-"""Network routes over the engine's stub records (cocon.engine.networks): list, inspect, create,
-remove, prune, connect, disconnect. cocon has no bridged networking yet: `bridge`, `host` and
-`none` are listed as Docker lists them, user networks are recorded with a warning, and containers
-created on (or connected to) a user network are recorded as its endpoints, with their aliases, but
-run without a network (as with --network none; container create says so in its Warnings).
-Endpoint settings that would need real networking (static addresses, links, MAC addresses, driver
-options) are refused with 400."""
+"""Network routes: list, inspect, create, remove, prune, connect, disconnect.
+
+Docker's records (IDs, labels, options, the IPAM request; `bridge`, `host`, `none` predefined) are
+cocon.engine.networks'; the networks themselves (bridge, addresses, firewall, DNS) are the engine's
+NetworkStack (cocon.engine.netattach), which a user network is made in at create. Inspect shows the
+stack's IPAM config and the running containers' addresses. Connect/disconnect attach and detach a
+running container at once, and change what a created or stopped one gets at its next start.
+Endpoint settings cocon has no use for (links, MAC addresses, driver options) are refused with 400."""
 
 from __future__ import annotations
 
@@ -28,23 +29,26 @@ from cocon.api.docker.common import (
     qfilters,
     string_map,
 )
-from cocon.engine.errors import NotFound
-from cocon.engine.networks import NOT_YET
+from cocon.engine.errors import Conflict, NotFound
 
 if TYPE_CHECKING:
     from cocon.engine.engine import Engine
     from cocon.engine.networks import Network
 
+_OPTIONS = {
+    "com.docker.network.driver.mtu",
+    "com.docker.network.bridge.enable_icc",
+    "com.docker.network.bridge.enable_ip_masquerade",
+}  # accepted with Docker's defaults only
 LIST_FILTERS = ("dangling", "driver", "id", "label", "name", "scope", "type")
 
 # EndpointSettings (container create's NetworkingConfig.EndpointsConfig, network connect's
 # EndpointConfig): what cocon records, what needs networking (refused unless empty), what is output.
 _ENDPOINT_NEEDS_NETWORK = {
-    "IPAMConfig": "static addresses need container networking",
     "Links": "cocon has no legacy links",
-    "MacAddress": "MAC addresses need container networking",
-    "DriverOpts": "endpoint driver options need container networking",
-    "GwPriority": "gateway priorities need container networking",
+    "MacAddress": "cocon derives MAC addresses from the IP address",
+    "DriverOpts": "the bridge driver has no endpoint options in cocon",
+    "GwPriority": "gateway priorities are not supported",
 }
 _ENDPOINT_OUTPUT = {
     "NetworkID", "EndpointID", "Gateway", "IPAddress", "IPPrefixLen", "IPv6Gateway", "GlobalIPv6Address",
@@ -66,9 +70,9 @@ def endpoint_aliases(config: Any, network: str) -> list[str]:
             if value not in (None, "", [], {}, 0):
                 raise bad_request(
                     f"network {network!r}: endpoint setting {key} is not supported: "
-                    f"{_ENDPOINT_NEEDS_NETWORK[key]} ({NOT_YET})"
+                    f"{_ENDPOINT_NEEDS_NETWORK[key]}; leave it out"
                 )
-        elif key not in _ENDPOINT_OUTPUT and key != "Aliases":
+        elif key not in _ENDPOINT_OUTPUT and key not in ("Aliases", "IPAMConfig"):
             raise bad_request(f"network {network!r}: unknown endpoint setting {key!r}")
     aliases = config.get("Aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
@@ -82,7 +86,47 @@ def drop_stale(engine: Engine) -> None:
 
 
 def _doc(engine: Engine, net: Network) -> dict[str, Any]:
-    return net.to_docker(engine.networks.endpoints(network_id=net.id))
+    """Docker's document: the record, with the stack's IPAM config and the containers' addresses."""
+    from cocon.engine import netattach
+
+    doc = net.to_docker(engine.networks.endpoints(network_id=net.id))
+    if net.name in ("host", "none"):
+        return doc
+    live = _stack_network(engine, net.name)
+    if live is None:
+        return doc
+    doc["IPAM"]["Config"] = [
+        {k: v for k, v in (("Subnet", str(s.subnet)), ("Gateway", str(s.gateway)),
+                           ("IPRange", "" if s.ip_range is None else str(s.ip_range))) if v}
+        for s in live.subnets
+    ]  # fmt: skip
+    names = {r.id: r.name for r in engine.instances.list()}
+    for ep in netattach.stack(engine).endpoints(network=net.name):
+        if ep.kind != "veth":
+            continue
+        entry = doc["Containers"].setdefault(ep.owner, {"Name": names.get(ep.owner, ep.name or "")})
+        entry["EndpointID"] = netattach._endpoint_id(ep.owner, net.name)
+        entry["MacAddress"] = ep.mac
+        entry["IPv4Address"] = next((str(a) for a in ep.addresses if a.version == 4), "")
+        entry["IPv6Address"] = next((str(a) for a in ep.addresses if a.version == 6), "")
+    if net.name == "bridge":
+        doc["Options"] = {"com.docker.network.bridge.default_bridge": "true",
+                          "com.docker.network.bridge.name": live.bridge}  # fmt: skip
+    return doc
+
+
+def _stack_network(engine: Engine, name: str) -> Any:
+    """The stack's network `name`, or None (none made yet: the default one before its first use)."""
+    import os
+
+    from cocon.engine import netattach
+
+    if not os.path.exists(os.path.join(engine.root, "networks.db")) or not netattach._has_networks(engine):
+        return None
+    try:
+        return netattach._call(lambda: netattach.stack(engine).get_network(name))
+    except NotFound:
+        return None
 
 
 def _list(engine: Engine, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
@@ -133,16 +177,18 @@ async def inspect_network(request: web.Request) -> web.StreamResponse:
         raise bad_request("only the local scope exists here: leave scope out or give scope=local")
     qbool(request, "verbose")  # validated: there is no swarm to be verbose about
 
-    def work(e: Engine) -> dict[str, Any]:
-        drop_stale(e)
-        return _doc(e, e.networks.get(ref))
-
-    return json_response(await ctx_of(request).call(work))
+    return json_response(await ctx_of(request).call(network_inspect, ref))
 
 
-async def create_network(request: web.Request) -> web.StreamResponse:
+def network_inspect(e: Engine, ref: str) -> dict[str, Any]:
+    drop_stale(e)
+    return _doc(e, e.networks.get(ref))
+
+
+def network_create(engine: Engine, raw: Any) -> dict[str, Any]:
+    """`POST /networks/create` (Docker's body) → {"Id", "Warning"}."""
     body = check_fields(
-        await json_body(request, required=True),
+        raw,
         {
             "Name": str, "Driver": str, "Internal": bool, "Attachable": bool, "EnableIPv6": bool,
             "EnableIPv4": bool, "Options": dict, "Labels": dict, "IPAM": dict, "CheckDuplicate": bool,
@@ -167,34 +213,72 @@ async def create_network(request: web.Request) -> web.StreamResponse:
         raise bad_request(f"IPAM driver {ipam.get('Driver')!r} is not supported: use the default")
     options = string_map(body.get("Options"), "Options")
     labels = string_map(body.get("Labels"), "Labels")
-
-    def create(engine: Engine) -> dict[str, Any]:
-        net = engine.networks.create(
-            name,
-            driver=body.get("Driver") or "bridge",
-            internal=bool(body.get("Internal")),
-            attachable=bool(body.get("Attachable")),
-            ipv6=bool(body.get("EnableIPv6")),
-            options=options,
-            labels=labels,
-            ipam=ipam,
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise bad_request(
+            f"network create: option(s) {', '.join(unknown)} are not supported: cocon knows "
+            f"{', '.join(sorted(_OPTIONS))}"
         )
-        engine.emit("network", "create", net.id, name=net.name, type=net.driver)
-        return {"Id": net.id, "Warning": f"network {net.name} is recorded, but {NOT_YET}"}
+    for key in ("com.docker.network.bridge.enable_icc", "com.docker.network.bridge.enable_ip_masquerade"):
+        if options.get(key, "true") != "true":
+            raise bad_request(f"network create: option {key}={options[key]} is not supported (only true)")
+    mtu = options.get("com.docker.network.driver.mtu", "1500")
+    if not mtu.isdigit() or not 68 <= int(mtu) <= 65535:
+        raise bad_request(f"network create: invalid MTU {mtu!r}: give 68-65535")
+    if ipam.get("Options"):
+        raise bad_request("network create: IPAM options are not supported; leave them out")
+    configs = ipam.get("Config") or []
+    if not isinstance(configs, list):
+        raise bad_request("network create: IPAM.Config must be an array")
+    has_v6 = any(isinstance(c, dict) and ":" in str(c.get("Subnet") or "") for c in configs)
+    if body.get("EnableIPv6") and not has_v6:
+        raise bad_request(
+            "network create: EnableIPv6 needs an IPv6 subnet (e.g. --ipv6 --subnet fd00:1::/64)"
+        )
+    if has_v6 and not body.get("EnableIPv6"):
+        raise bad_request("network create: an IPv6 subnet needs EnableIPv6 (--ipv6)")
 
-    return json_response(await ctx_of(request).call(create), 201)
+    from cocon.engine import netattach
+
+    driver = body.get("Driver") or "bridge"
+    if driver != "bridge":
+        raise bad_request(f"network driver {driver!r} is not supported: cocon makes bridge networks")
+    netattach.spec_from_record(name, "", bool(body.get("Internal")), ipam, options)  # validated first
+    net = engine.networks.create(
+        name,
+        driver=driver,
+        internal=bool(body.get("Internal")),
+        attachable=bool(body.get("Attachable")),
+        ipv6=bool(body.get("EnableIPv6")),
+        options=options,
+        labels=labels,
+        ipam=ipam,
+    )
+    try:
+        netattach.ensure_network(engine, net.name)
+    except BaseException:
+        engine.networks.remove(net.id)
+        raise
+    engine.emit("network", "create", net.id, name=net.name, type=net.driver)
+    return {"Id": net.id, "Warning": ""}
+
+
+async def create_network(request: web.Request) -> web.StreamResponse:
+    raw = await json_body(request, required=True)
+    return json_response(await ctx_of(request).call(network_create, raw), 201)
 
 
 async def remove_network(request: web.Request) -> web.StreamResponse:
     ref = request.match_info["id"]
 
-    def remove(engine: Engine) -> None:
-        drop_stale(engine)
-        net = engine.networks.remove(ref)
-        engine.emit("network", "destroy", net.id, name=net.name, type=net.driver)
-
-    await ctx_of(request).call(remove)
+    await ctx_of(request).call(network_remove, ref)
     return no_content()
+
+
+def network_remove(engine: Engine, ref: str) -> None:
+    drop_stale(engine)
+    net = _remove(engine, ref)
+    engine.emit("network", "destroy", net.id, name=net.name, type=net.driver)
 
 
 async def prune_networks(request: web.Request) -> web.StreamResponse:
@@ -204,7 +288,14 @@ async def prune_networks(request: web.Request) -> web.StreamResponse:
 
     def prune(engine: Engine) -> dict[str, Any]:
         drop_stale(engine)
-        removed = engine.networks.prune()
+        removed = []
+        for net in engine.networks.list():
+            if net.predefined or engine.networks.endpoints(network_id=net.id):
+                continue
+            try:
+                removed.append(_remove(engine, net.id))
+            except Conflict:
+                continue  # a container is attached to it
         for net in removed:
             engine.emit("network", "destroy", net.id, name=net.name, type=net.driver)
         return {"NetworksDeleted": [n.name for n in removed] or None}
@@ -212,11 +303,21 @@ async def prune_networks(request: web.Request) -> web.StreamResponse:
     return json_response(await ctx_of(request).call(prune))
 
 
-async def connect_network(request: web.Request) -> web.StreamResponse:
-    """Record the container as an endpoint of a user network (with its aliases): no connectivity."""
-    ref = request.match_info["id"]
+def _remove(engine: Engine, ref: str) -> Network:
+    """The network out of the stack (409 while attached), then its record (403 predefined, in use)."""
+    from cocon.engine import netattach
+
+    net = engine.networks.get(ref)
+    if net.predefined or engine.networks.endpoints(network_id=net.id):
+        engine.networks.remove(net.id)  # raises dockerd's 403
+    netattach.remove_network(engine, net.name)
+    return engine.networks.remove(net.id)
+
+
+def network_connect(e: Engine, ref: str, raw: Any) -> None:
+    """Connect a container to a user network: at once when it runs, else at its next start."""
     body = check_fields(
-        await json_body(request, required=True),
+        raw,
         {"Container": str, "EndpointConfig": dict},
         what="network connect",
     )
@@ -224,52 +325,67 @@ async def connect_network(request: web.Request) -> web.StreamResponse:
     if not container:
         raise bad_request("network connect: Container is required")
 
-    def work(e: Engine) -> None:
-        net = e.networks.get(ref)
-        aliases = endpoint_aliases(body.get("EndpointConfig"), net.name)
-        rec = e.instances.get(container)
-        mode = str((rec.config["Create"].get("HostConfig") or {}).get("NetworkMode") or "none")
-        if mode == "host":
-            raise HTTPError(
-                400, "container sharing network namespace with host cannot be connected to a network"
-            )
-        drop_stale(e)
-        e.networks.connect(net.id, rec.id, rec.name, aliases)
-        e.emit("network", "connect", net.id, name=net.name, type=net.driver, container=rec.id)
+    from cocon.engine import netattach
 
-    await ctx_of(request).call(work)
+    net = e.networks.get(ref)
+    aliases = endpoint_aliases(body.get("EndpointConfig"), net.name)
+    ipam = (body.get("EndpointConfig") or {}).get("IPAMConfig") or {}
+    if not isinstance(ipam, dict):
+        raise bad_request("network connect: IPAMConfig must be an object")
+    rec = e.instances.get(container)
+    mode = str(rec.config.get("Network") or "none")
+    if mode == "host":
+        raise HTTPError(400, "container sharing network namespace with host cannot be connected to a network")
+    drop_stale(e)
+    e.networks.connect(net.id, rec.id, rec.name, aliases)
+    try:
+        netattach.connect(e, rec, net.name, aliases, ipam.get("IPv4Address"), ipam.get("IPv6Address"))
+    except BaseException:
+        e.networks.disconnect(net.id, rec.id, rec.name)
+        raise
+    e.emit("network", "connect", net.id, name=net.name, type=net.driver, container=rec.id)
+
+
+async def connect_network(request: web.Request) -> web.StreamResponse:
+    raw = await json_body(request, required=True)
+    await ctx_of(request).call(network_connect, request.match_info["id"], raw)
     return no_content(200)
 
 
-async def disconnect_network(request: web.Request) -> web.StreamResponse:
-    ref = request.match_info["id"]
-    body = check_fields(
-        await json_body(request, required=True), {"Container": str, "Force": bool}, what="network disconnect"
-    )
+def network_disconnect(e: Engine, ref: str, raw: Any) -> None:
+    body = check_fields(raw, {"Container": str, "Force": bool}, what="network disconnect")
     container = body.get("Container") or ""
     if not container:
         raise bad_request("network disconnect: Container is required")
 
-    def work(e: Engine) -> None:
-        try:
-            rec = e.instances.get(container)
-            cid, cname = rec.id, rec.name
-        except NotFound:
-            if not body.get("Force"):
-                raise
-            # Force: drop the record of a container that is gone (by its name or ID)
-            net = e.networks.get(ref)
-            found = [
-                ep for ep in e.networks.endpoints(network_id=net.id)
-                if container in (ep.container_name, ep.container_id) or ep.container_id.startswith(container)
-            ]  # fmt: skip
-            if len(found) != 1:
-                raise
-            cid, cname = found[0].container_id, found[0].container_name
-        net = e.networks.disconnect(ref, cid, cname)
-        e.emit("network", "disconnect", net.id, name=net.name, type=net.driver, container=cid)
+    try:
+        rec = e.instances.get(container)
+        cid, cname = rec.id, rec.name
+    except NotFound:
+        if not body.get("Force"):
+            raise
+        # Force: drop the record of a container that is gone (by its name or ID)
+        net = e.networks.get(ref)
+        found = [
+            ep for ep in e.networks.endpoints(network_id=net.id)
+            if container in (ep.container_name, ep.container_id) or ep.container_id.startswith(container)
+        ]  # fmt: skip
+        if len(found) != 1:
+            raise
+        cid, cname = found[0].container_id, found[0].container_name
+    from cocon.engine import netattach
 
-    await ctx_of(request).call(work)
+    net = e.networks.disconnect(ref, cid, cname)
+    try:
+        netattach.disconnect(e, e.instances.get(cid), net.name)
+    except NotFound:
+        pass  # the container is gone, or was connected before cocon had networking
+    e.emit("network", "disconnect", net.id, name=net.name, type=net.driver, container=cid)
+
+
+async def disconnect_network(request: web.Request) -> web.StreamResponse:
+    raw = await json_body(request, required=True)
+    await ctx_of(request).call(network_disconnect, request.match_info["id"], raw)
     return no_content(200)
 
 

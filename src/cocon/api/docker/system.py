@@ -171,10 +171,7 @@ def info_doc(engine: Engine, started: float) -> dict[str, Any]:
     version, mode = cgroup_info()
     levels = isolation_levels(engine)
     swap = os.path.exists("/proc/swaps")
-    warnings = [
-        "WARNING: cocon has no bridged networking yet: containers run with --network none (their own "
-        "namespace with lo) or --network host"
-    ]
+    warnings: list[str] = []
     return {
         "ID": engine_id(engine.root),
         "Containers": len(records),
@@ -192,7 +189,7 @@ def info_doc(engine: Engine, started: float) -> dict[str, Any]:
         ],
         "Plugins": {
             "Volume": ["local"],
-            "Network": ["host", "null"],
+            "Network": ["bridge", "host", "null"],
             "Authorization": None,
             "Log": [],
         },
