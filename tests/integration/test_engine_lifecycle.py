@@ -136,6 +136,7 @@ def env(tmp_path: Any) -> Iterator[Env]:
             e.engine.close()
             unmount_all(run)
             unmount_all(root)
+            reset_network(root, run)
             for d in e.cgroups():
                 remove_cgroup(d)
             shutil.rmtree(run, ignore_errors=True)
