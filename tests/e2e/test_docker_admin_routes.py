@@ -52,6 +52,8 @@ def client(daemon: Daemon) -> Iterator[docker.DockerClient]:
 
 
 def _finished(client: docker.DockerClient, script: str, **kw: Any) -> Any:
+    # no network: nothing mounted over /etc (hosts, resolv.conf), which the scripts change freely
+    kw.setdefault("network_mode", "none")
     ct = client.containers.run("busybox", ["sh", "-c", script], detach=True, **kw)
     assert ct.wait(timeout=30)["StatusCode"] == 0, ct.logs()
     return ct

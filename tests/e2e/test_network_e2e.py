@@ -35,7 +35,7 @@ from test_network_real import (
     ns_socket,
 )
 
-from cli_helpers import COCON
+from cli_helpers import COCON, reset_network
 from cocon.engine.netattach import names_for
 from daemon_helpers import DOCKER, Daemon, cleanup, start_daemon
 
@@ -89,7 +89,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     mine: list[str] = [bridge]
     try:
         yield e
-        # everything through the CLI: containers, then networks; then the daemon stops
+        # everything through the CLI: containers, then networks; then the daemon stops and cocon's
+        # networking is reset
         for n in e.networks:
             mine.append("cn-" + json.loads(e.cocon("network", "inspect", n).stdout)[0]["Id"][:12])
         ids = e.cocon("ps", "-aq").stdout.split()
@@ -98,6 +99,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         for n in e.networks:
             e.cocon("network", "rm", n)
         assert d.stop() == 0 and "Traceback" not in d.log(), d.log()
+        assert bridge in _links()  # the default network outlives the daemon, as docker0 does
+        reset_network(d.root, d.run)  # what a reset of cocon's state removes
         links_after, rules_after = _links(), _ruleset()
         new = {n for n in links_after if n not in links_before}
         assert not {n for n in new if n in mine or not n.startswith(OTHER_RUNS_LINKS)}, new

@@ -41,6 +41,20 @@ def pair_ids(run: str) -> set[str]:
     return {n for n in os.listdir(base) if os.path.exists(os.path.join(base, n, "start.fifo"))}
 
 
+def pair_ready(run: str) -> bool:
+    """One pair whose runtime reads its FIFO (what the daemon waits for before offering it)."""
+    ids = pair_ids(run)
+    if len(ids) != 1:
+        return False
+    fifo = os.path.join(run, "instances", next(iter(ids)), "start.fifo")
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    time.sleep(0.1)  # the daemon looks every 5 ms
+    return True
+
+
 def wait_until(check: Any, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -62,7 +76,7 @@ def daemon(tmp_path: Any) -> Iterator[Daemon]:
 
 
 def test_a_fitting_container_runs_on_the_waiting_pair(daemon: Daemon) -> None:
-    wait_until(lambda: len(waiting_runtimes(daemon.run)) == 1 and pair_ids(daemon.run))
+    wait_until(lambda: pair_ready(daemon.run))
     (ready,) = pair_ids(daemon.run)
     c = daemon.client()
     created = c.container_create({"Image": "busybox", "Cmd": ["sh", "-c", "echo via pair; exit 5"],
@@ -84,7 +98,7 @@ def test_a_fitting_container_runs_on_the_waiting_pair(daemon: Daemon) -> None:
 
 
 def test_removed_before_start_cancels_the_pair(daemon: Daemon) -> None:
-    wait_until(lambda: len(waiting_runtimes(daemon.run)) == 1 and pair_ids(daemon.run))
+    wait_until(lambda: pair_ready(daemon.run))
     c = daemon.client()
     body = {"Image": "busybox", "Cmd": ["true"], "HostConfig": {"NetworkMode": "none"}}
     cid = c.container_create(body)["Id"]

@@ -3,8 +3,8 @@
 conmon listens on `<bundle>/attach` (a SOCK_SEQPACKET unix socket). Every packet it sends is one
 chunk of output whose first byte names the stream (2 stdout, 3 stderr: podman's AttachPipe*); what
 a client writes is the container's stdin (when it was started with `-i`). conmon closes the socket
-when the container exits. A resize is a line `1 <rows> <cols>` written to the `winsz` FIFO (`ctl`
-on older conmons).
+when the container exits. A resize is a line `1 <rows> <cols>` written to conmon's control FIFO
+`ctl` (message type 1), which conmon forwards as `<rows> <cols>` to its `winsz` FIFO.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def connect(path: str, name: str) -> socket.socket:
 
 
 def resize(bundle: str, rows: int, cols: int) -> None:
-    for name in ("winsz", "ctl"):
+    """conmon's resize: `1 ROWS COLS` on its control FIFO (`ctl`: message type 1, a window resize);
+    its `winsz` FIFO takes `ROWS COLS` without the type (the form conmon itself forwards)."""
+    for name, line in (("ctl", f"1 {rows} {cols}\n"), ("winsz", f"{rows} {cols}\n")):
         path = os.path.join(bundle, name)
         if os.path.exists(path):
             try:
@@ -47,7 +49,7 @@ def resize(bundle: str, rows: int, cols: int) -> None:
             except OSError:
                 continue
             try:
-                os.write(fd, f"1 {rows} {cols}\n".encode())
+                os.write(fd, line.encode())
             except OSError:
                 pass
             finally:

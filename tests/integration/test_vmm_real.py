@@ -1,0 +1,300 @@
+"""cocon.vmm for real: guest assets from Debian packages, booted by QEMU under TCG, driven over QMP,
+and the bounded KVM probe (KVM hangs or aborts on these machines: the probe must answer TCG in time).
+
+The assets are built once per module into a temporary root (the downloaded .debs stay in it);
+every QEMU this file starts has that root or the test's tmp_path in its command line, and the
+`no_qemu_left` fixture kills and fails on any such QEMU still running after a test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zstandard
+
+from cocon.vmm.assets import Assets, Recipe, assets_status, ensure_assets, resolve_inputs
+from cocon.vmm.errors import QemuError
+from cocon.vmm.kvm import CACHE_FILE, probe_kvm
+from cocon.vmm.qemu import MachineConfig, Qemu
+
+READY = "cocon-guest: ready"
+
+
+def _qemu_pids(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(marker.encode() in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_all(marker: str) -> list[int]:
+    pids = _qemu_pids(marker)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = str(tmp_path_factory.mktemp("vmm-root"))
+    yield path
+    _kill_all(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def assets(root: str) -> Assets:
+    events: list[tuple[str, int, int]] = []
+    built = ensure_assets(root, progress=lambda *e: events.append(e))
+    assert events[0][0] == "resolve" and events[-1] == ("commit", 1, 1)
+    return built
+
+
+@pytest.fixture(autouse=True)
+def no_qemu_left(tmp_path: str, request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    markers = [str(tmp_path)]
+    left = [pid for m in markers for pid in _kill_all(m)]
+    assert left == [], f"QEMU processes left behind: {left}"
+
+
+def _vm(assets: Assets, workdir: str, **kw: object) -> Qemu:
+    return Qemu(MachineConfig(assets.kernel, assets.initrd, **kw), workdir)  # type: ignore[arg-type]
+
+
+def _initrd_names(path: str) -> set[str]:
+    with open(path, "rb") as f:
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(f.read())
+    names: set[str] = set()
+    pos = 0
+    while True:
+        assert data[pos : pos + 6] == b"070701"
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = fields[11], fields[6]
+        name = data[pos + 110 : pos + 110 + namesize - 1].decode()
+        pos = (pos + 110 + namesize + 3) & ~3
+        pos = (pos + filesize + 3) & ~3
+        if name == "TRAILER!!!":
+            return names
+        names.add(name)
+
+
+# --- assets -------------------------------------------------------------------------------------------
+
+
+def test_assets_are_built_once_and_reused(root: str, assets: Assets) -> None:
+    assert os.path.dirname(assets.directory) == os.path.join(root, "assets")
+    assert os.path.basename(assets.directory) == assets.digest
+    assert assets.version.endswith("-cloud-amd64")
+    assert any(p.startswith("linux-image-") and p.endswith("-cloud-amd64") for p in assets.packages)
+    assert "busybox-static" in assets.packages
+    names = _initrd_names(assets.initrd)
+    assert {"init", "bin/busybox", "bin/sh", "dev/console", "etc/cocon/modules"} <= names
+    mods = f"lib/modules/{assets.version}"
+    for module in ("virtio_mmio.ko", "virtio_pci.ko", "virtio_blk.ko", "virtio_console.ko", "virtio_net.ko"):
+        assert any(n.startswith(mods) and n.endswith("/" + module) for n in names), module
+    assert f"{mods}/modules.dep" in names
+    kernel_inode = os.stat(assets.kernel).st_ino
+
+    events: list[tuple[str, int, int]] = []
+    started = time.monotonic()
+    again = ensure_assets(root, progress=lambda *e: events.append(e))
+    assert again == assets
+    assert events == [], "nothing is built when the assets are there"
+    assert os.stat(again.kernel).st_ino == kernel_inode
+    assert time.monotonic() - started < 1.0
+    status = assets_status(root)
+    assert (status.state, status.digest) == ("ready", assets.digest)
+    assert os.listdir(os.path.join(root, "assets", "tmp")) == []
+
+
+def test_a_changed_input_changes_the_digest(root: str, assets: Assets, tmp_path: str) -> None:
+    init = os.path.join(tmp_path, "init")
+    shutil.copyfile(Recipe().init_path(), init)
+    with open(init, "a") as f:
+        f.write("# changed\n")
+    changed = Recipe(init_script=init)
+    assert resolve_inputs(changed).digest != assets.digest
+    assert resolve_inputs(Recipe(modules=("virtio_blk",))).digest != assets.digest
+    assert assets_status(root, changed).state == "missing"
+
+    rebuilt = ensure_assets(root, recipe=changed)
+    assert rebuilt.digest == resolve_inputs(changed).digest != assets.digest
+    assert rebuilt.version == assets.version
+    assert os.path.isdir(assets.directory), "the previous build stays until pruned"
+    assert {assets.digest, rebuilt.digest} <= set(assets_status(root).built)
+    shutil.rmtree(rebuilt.directory)
+
+
+def test_a_corrupted_asset_is_detected_and_rebuilt(root: str, assets: Assets) -> None:
+    with open(assets.initrd, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    status = assets_status(root)
+    assert status.state == "corrupt" and "does not match" in (status.error or "")
+
+    events: list[tuple[str, int, int]] = []
+    again = ensure_assets(root, progress=lambda *e: events.append(e))
+    assert again.digest == assets.digest
+    assert ("initramfs", 1, 1) in events
+    with open(again.directory + "/manifest.json") as f:
+        manifest = json.load(f)
+    with open(again.initrd, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == manifest["files"]["initrd.img"]
+    assert assets_status(root).state == "ready"
+
+
+def test_two_builders_do_not_race(root: str, assets: Assets, tmp_path: str) -> None:
+    fresh = os.path.join(tmp_path, "root")
+    shutil.copytree(os.path.join(root, "assets", "debs"), os.path.join(fresh, "assets", "debs"))
+    events: list[tuple[str, int, int]] = []
+    results: list[Assets] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            results.append(ensure_assets(fresh, progress=lambda *e: events.append(e)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert len(results) == 2 and results[0] == results[1]
+    assert results[0].digest == assets.digest, "the same inputs give the same digest in another root"
+    assert events.count(("initramfs", 1, 1)) == 1, "one builder built, the other waited and reused"
+    assert os.listdir(os.path.join(fresh, "assets", "tmp")) == []
+
+
+# --- booting under TCG ------------------------------------------------------------------------------
+
+
+def test_the_guest_boots_under_tcg_and_powers_off(assets: Assets, tmp_path: str) -> None:
+    vm = _vm(assets, os.path.join(tmp_path, "vm"))
+    with vm:
+        started = time.monotonic()
+        vm.start()
+        console = vm.wait_for_console(READY, timeout=60)
+        assert f"{READY} {assets.version}" in console
+        assert vm.wait(timeout=30) == 0
+        seconds = time.monotonic() - started
+    assert "cocon-guest: error" not in vm.console()
+    assert vm.pid is not None and not os.path.exists(f"/proc/{vm.pid}")
+    print(f"TCG boot to the ready marker and power-off: {seconds:.2f} s")
+
+
+def test_q35_boots_the_same_assets(assets: Assets, tmp_path: str) -> None:
+    with _vm(assets, os.path.join(tmp_path, "vm"), machine="q35") as vm:
+        vm.start()
+        assert f"{READY} {assets.version}" in vm.wait_for_console(READY, timeout=60)
+        assert vm.wait(timeout=30) == 0
+
+
+def test_qmp_status_of_a_waiting_guest_then_powerdown(assets: Assets, tmp_path: str) -> None:
+    with _vm(assets, os.path.join(tmp_path, "vm"), cmdline="cocon.wait=1") as vm:
+        vm.start()
+        vm.wait_for_console("cocon-guest: waiting", timeout=60)
+        assert vm.status() == "running"
+        time.sleep(0.3)
+        assert vm.returncode is None, "the guest waits instead of powering off"
+        vm.powerdown()
+        assert vm.wait(timeout=30) == 0
+        assert "power button pressed" in vm.console()
+
+
+def test_qmp_quit_ends_a_waiting_guest(assets: Assets, tmp_path: str) -> None:
+    with _vm(assets, os.path.join(tmp_path, "vm"), cmdline="cocon.wait=1") as vm:
+        vm.start()
+        assert vm.status() in ("running", "prelaunch")
+        assert vm.quit(timeout=10) == 0
+        with pytest.raises(QemuError, match="QMP is not connected"):
+            vm.status()
+
+
+def test_closing_kills_a_guest_that_still_runs(assets: Assets, tmp_path: str) -> None:
+    vm = _vm(assets, os.path.join(tmp_path, "vm"), cmdline="cocon.wait=1")
+    with pytest.raises(RuntimeError):
+        with vm:
+            vm.start()
+            raise RuntimeError("the caller fails while the guest runs")
+    assert vm.returncode is not None
+    assert _qemu_pids(str(tmp_path)) == []
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+def test_qemu_failing_to_start_gives_a_clear_error(assets: Assets, tmp_path: str) -> None:
+    vm = _vm(assets, os.path.join(tmp_path, "vm"), extra_args=("-no-such-option",))
+    with pytest.raises(QemuError) as info:
+        vm.start(timeout=10)
+    assert info.value.returncode == 1
+    assert "exited with status 1" in str(info.value)
+    assert "-no-such-option" in info.value.log_tail
+    assert vm.returncode == 1
+    assert _qemu_pids(str(tmp_path)) == []
+
+
+def test_a_guest_that_never_shows_the_marker_is_reported_and_killed(assets: Assets, tmp_path: str) -> None:
+    with _vm(assets, os.path.join(tmp_path, "vm"), cmdline="cocon.wait=1") as vm:
+        vm.start()
+        started = time.monotonic()
+        with pytest.raises(QemuError, match="did not show 'never printed' within 1 s"):
+            vm.wait_for_console("never printed", timeout=1)
+        assert time.monotonic() - started < 3
+    assert vm.returncode is not None
+
+
+# --- the KVM probe ----------------------------------------------------------------------------------
+
+
+def test_the_kvm_probe_answers_in_time_and_is_cached(assets: Assets) -> None:
+    started = time.monotonic()
+    probe = probe_kvm(assets, timeout=5, refresh=True)
+    took = time.monotonic() - started
+    assert probe.accel in ("kvm", "tcg") and not probe.cached
+    assert took < 5 + 2.5, f"the probe took {took:.1f} s"
+    # On these machines KVM is not usable (QEMU aborts with -cpu host, or the guest hangs).
+    assert probe.accel == "tcg", probe.reason
+    assert probe.reason
+    assert os.path.isfile(os.path.join(assets.directory, CACHE_FILE))
+    assert _qemu_pids(assets.directory) == []
+
+    started = time.monotonic()
+    again = probe_kvm(assets, timeout=5)
+    assert again.cached and again.accel == probe.accel and again.reason == probe.reason
+    assert time.monotonic() - started < 0.5
+
+
+def test_the_kvm_probe_times_out_a_hanging_guest(assets: Assets) -> None:
+    # With -cpu qemu64 the guest starts under KVM here and then hangs: the timeout path.
+    started = time.monotonic()
+    probe = probe_kvm(assets, timeout=2, refresh=True, cpu="qemu64")
+    took = time.monotonic() - started
+    assert probe.accel == "tcg" and probe.cpu == "qemu64"
+    assert "within 2 s" in probe.reason, probe.reason
+    assert took < 2 + 2.5, f"the probe took {took:.1f} s"
+    assert _qemu_pids(assets.kernel) == []
