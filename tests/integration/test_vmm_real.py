@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 import zstandard
 
-from cocon.vmm.assets import Assets, Recipe, assets_status, ensure_assets, resolve_inputs
-from cocon.vmm.errors import QemuError
+from cocon.vmm.assets import Assets, Recipe, assets_status, ensure_assets, prune_assets, resolve_inputs
+from cocon.vmm.errors import AssetError, QemuError
 from cocon.vmm.kvm import CACHE_FILE, probe_kvm
 from cocon.vmm.qemu import MachineConfig, Qemu
 
@@ -141,7 +141,18 @@ def test_a_changed_input_changes_the_digest(root: str, assets: Assets, tmp_path:
     assert rebuilt.version == assets.version
     assert os.path.isdir(assets.directory), "the previous build stays until pruned"
     assert {assets.digest, rebuilt.digest} <= set(assets_status(root).built)
-    shutil.rmtree(rebuilt.directory)
+    assert prune_assets(root, keep=[assets.digest]) == [rebuilt.digest]
+    assert not os.path.exists(rebuilt.directory)
+    assert assets_status(root).built == [assets.digest]
+
+
+def test_an_unknown_package_is_a_clear_error(root: str, assets: Assets) -> None:
+    bogus = Recipe(kernel_package="linux-image-no-such-flavour")
+    with pytest.raises(AssetError, match="cannot look up the Debian package linux-image-no-such-flavour"):
+        ensure_assets(root, recipe=bogus)
+    status = assets_status(root, bogus)
+    assert status.state == "unknown" and "apt-get update" in (status.error or "")
+    assert status.assets == assets, "what is built is still reported"
 
 
 def test_a_corrupted_asset_is_detected_and_rebuilt(root: str, assets: Assets) -> None:
