@@ -172,6 +172,7 @@ class CoconEnv:
         kill_prestarted(self.run)
         unmount_all(self.run)
         unmount_all(self.root)
+        reset_network(self.root, self.run)  # the default network the daemon kept
 
 
 def kill_prestarted(run_dir: str) -> None:

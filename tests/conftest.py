@@ -57,3 +57,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             os.rmdir(d)
         except OSError:
             pass
+
+
+def _cocon_network_state() -> tuple[set[str], set[str]]:
+    """cocon's bridges and nftables tables on the host (names start with `cocon`)."""
+    import json
+    import subprocess
+
+    links = json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout or "[]")
+    rules = json.loads(subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True).stdout
+                       or "{}")  # fmt: skip
+    names = {link["ifname"] for link in links if link.get("ifname", "").startswith("cocon")}
+    tables = {t["table"]["name"] for t in rules.get("nftables", []) if "table" in t}
+    return names, {t for t in tables if t.startswith("cocon")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network_left_behind() -> Iterator[None]:
+    """The whole run leaves no bridge or nftables table of cocon's that was not there before (every
+    test resets the networks its daemons and engines made)."""
+    links, tables = _cocon_network_state()
+    yield
+    new_links, new_tables = _cocon_network_state()
+    assert new_links <= links and new_tables <= tables, (
+        f"cocon networking left behind: links {sorted(new_links - links)}, tables {sorted(new_tables - tables)}"
+    )

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from cli_helpers import COCON, unmount_all
+from cli_helpers import COCON, kill_prestarted, reset_network, stop_daemon, unmount_all
 from cocon.api.client import APIError
 from cocon.api.http_client import HTTPClient, ensure_daemon
 from daemon_helpers import DOCKER, cleanup, new_roots, start_daemon, wait_for_socket
@@ -34,7 +34,10 @@ def roots(tmp_path: Any) -> Iterator[tuple[str, str]]:
     try:
         yield root, run
     finally:
+        stop_daemon(run)  # one that ensure_daemon started
+        kill_prestarted(run)
         unmount_all(run)
+        reset_network(root, run)
         import shutil
 
         shutil.rmtree(run, ignore_errors=True)

@@ -23,6 +23,7 @@ from cli_helpers import (
     mounts_under,
     new_root_with_busybox,
     remove_cgroup,
+    reset_network,
     unmount_all,
 )
 from cocon.engine.engine import Engine
@@ -59,6 +60,7 @@ def engine(tmp_path: Any) -> Iterator[Engine]:
         eng.close()
         unmount_all(run)
         unmount_all(root)
+        reset_network(root, run)
         for d in leaked_cgroups(before):
             remove_cgroup(d)
         shutil.rmtree(run, ignore_errors=True)
