@@ -319,6 +319,12 @@ class Client:
         """`POST /networks/{id}/disconnect`."""
         raise NotImplementedError
 
+    # --- system ------------------------------------------------------------------------------------
+    def system_reset(self) -> dict[str, Any]:
+        """`POST /cocon/v1/system/reset`: remove every container, network, volume and image;
+        {"ContainersDeleted", "NetworksDeleted", "VolumesDeleted", "ImagesDeleted"}."""
+        raise NotImplementedError
+
     # --- events ------------------------------------------------------------------------------------
     def events(
         self,

@@ -325,6 +325,10 @@ class HTTPClient(ContainerRequests):
         result: dict[str, Any] = self.call("GET", API_PREFIX + "/info")
         return result
 
+    def system_reset(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("POST", "/cocon/v1/system/reset")
+        return result
+
     def system_df(self) -> dict[str, Any]:
         result: dict[str, Any] = self.call("GET", API_PREFIX + "/system/df")
         return result

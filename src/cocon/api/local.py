@@ -422,6 +422,12 @@ class LocalClient(Client):
 
         self._networks(networks.network_disconnect, name, {"Container": container, "Force": force})
 
+    def system_reset(self) -> dict[str, Any]:
+        from cocon.engine.system import reset
+
+        with _errors:
+            return reset(self.engine)
+
     def events(
         self,
         *,

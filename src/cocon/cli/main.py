@@ -43,7 +43,7 @@ def _parser_class() -> type[argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cocon.cli import build, containers, daemon, events, images, networks, run, volumes
+    from cocon.cli import build, containers, daemon, events, images, networks, run, system, volumes
 
     parser = _parser_class()(
         prog="cocon",
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     networks.register(sub)
     daemon.register(sub)
     events.register(sub)
+    system.register(sub)
     return parser
 
 

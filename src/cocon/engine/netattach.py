@@ -123,6 +123,22 @@ def _quiet_class() -> type[NetworkStack]:
     return QuietStack
 
 
+def reset(engine: Engine) -> None:
+    """Everything of cocon's networking for this engine's state: endpoints, networks (the default
+    one too), bridges, the nftables table and the namespaces directory (`cocon system reset`)."""
+    import shutil
+
+    with _STACKS_LOCK:
+        st = _STACKS.pop(engine.root, None)
+    if st is None and os.path.exists(os.path.join(engine.root, "networks.db")):
+        st = stack(engine)
+        with _STACKS_LOCK:
+            _STACKS.pop(engine.root, None)
+    if st is not None:
+        _call(st.reset)
+    shutil.rmtree(os.path.join(engine.run_dir, "netns"), ignore_errors=True)
+
+
 def close_all() -> None:
     """Stop the DNS listeners (daemon shutdown); links and rules stay for the containers."""
     with _STACKS_LOCK:

@@ -5,6 +5,7 @@
 | `GET /cocon/v1/info` | cocon's view of the node: version, isolation levels, cgroup mode, roots |
 | `POST /cocon/v1/images/bootstrap?image=busybox` | make a base image on this machine, with progress |
 | `GET /cocon/v1/images/save?names=…&format=…` | save as OCI archive too (Docker's `get`: docker-archive) |
+| `POST /cocon/v1/system/reset` | remove every container, network, volume and image (cocon.engine.system) |
 | `GET /cocon/v1/openapi.json` | the OpenAPI 3 document of these routes (`OPENAPI` below) |
 
 The OpenAPI document is written by hand next to the handlers and checked by schemathesis against
@@ -63,6 +64,12 @@ async def info(request: web.Request) -> web.StreamResponse:
     return json_response(await ctx.call(_info, ctx.started))
 
 
+async def system_reset(request: web.Request) -> web.StreamResponse:
+    from cocon.engine.system import reset
+
+    return json_response(await ctx_of(request).call(reset))
+
+
 async def bootstrap(request: web.Request) -> web.StreamResponse:
     what = (qstr(request, "image") or "").strip()
     if not what:
@@ -108,6 +115,7 @@ def register(app: web.Application) -> None:
     app.router.add_get("/cocon/v1/info", info, allow_head=False)
     app.router.add_post("/cocon/v1/images/bootstrap", bootstrap)
     app.router.add_get("/cocon/v1/images/save", save, allow_head=False)
+    app.router.add_post("/cocon/v1/system/reset", system_reset)
     app.router.add_get("/cocon/v1/openapi.json", openapi, allow_head=False)
 
 
@@ -133,6 +141,33 @@ OPENAPI: dict[str, Any] = {
         ),
     },
     "paths": {
+        "/cocon/v1/system/reset": {
+            "post": {
+                "operationId": "systemReset",
+                "summary": "Remove every container, network, volume and image of this node",
+                "responses": {
+                    "200": {
+                        "description": "what was removed",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        key: {"type": "array", "items": {"type": "string"}}
+                                        for key in (
+                                            "ContainersDeleted",
+                                            "NetworksDeleted",
+                                            "VolumesDeleted",
+                                            "ImagesDeleted",
+                                        )
+                                    },
+                                }
+                            }
+                        },
+                    }
+                },
+            }
+        },
         "/cocon/v1/info": {
             "get": {
                 "operationId": "info",
