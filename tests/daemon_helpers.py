@@ -15,6 +15,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,3 +181,83 @@ def tar_bytes(members: list[tuple[str, bytes | None, dict[str, Any]]]) -> bytes:
 
 def context_tar(files: dict[str, str]) -> bytes:
     return tar_bytes([(name, text.encode(), {}) for name, text in files.items()])
+
+
+# --- a daemon for a test module, and everything it ran removed ----------------------------------------
+
+
+def conmons_of(run: str) -> list[int]:
+    """The conmon processes supervising containers of the daemon whose run directory is `run` (not
+    the daemon's pre-started one, which waits with `--await` for a container to be asked for)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        conmon = argv and argv[0].endswith(b"conmon") and any(run.encode() in a for a in argv)
+        if conmon and not _awaiting(argv):
+            pids.append(int(entry))
+    return pids
+
+
+def _awaiting(argv: list[bytes]) -> bool:
+    """Whether this conmon is a pre-started one whose container was not asked for yet: launched with
+    the runtime argument `--await`, and no container pid written in its bundle."""
+    if b"--await" not in argv or b"-b" not in argv:
+        return False
+    bundle = argv[argv.index(b"-b") + 1].decode()
+    return not os.path.exists(os.path.join(bundle, "pidfile"))
+
+
+def remove_all(d: Daemon) -> None:
+    """Every container of the daemon removed (through it while it runs), then any conmon left killed."""
+    if d.proc.poll() is None:
+        c = d.client()
+        try:
+            for item in c.container_list(all=True):
+                c.container_remove(item["Id"], force=True, volumes=True)
+        except Exception:
+            pass
+    for pid in conmons_of(d.run):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_and_clean(d: Daemon) -> tuple[int, str]:
+    """Every container removed, the daemon stopped (its exit code and log returned), its state cleaned."""
+    remove_all(d)
+    code = d.stop()
+    log = d.log()
+    remove_all(d)
+    cleanup(d)
+    return code, log
+
+
+def module_daemon(base: str) -> Iterator[Daemon]:
+    """For a module-scoped fixture (`yield from`): a daemon on private roots under `base`; afterwards
+    every container removed and the daemon stopped cleanly (exit 0, no traceback in its log)."""
+    d = start_daemon(base)
+    try:
+        yield d
+    finally:
+        code, log = stop_and_clean(d)
+        assert code == 0 and "Traceback" not in log, log
+
+
+def docker(
+    d: Daemon, *args: str, check: bool = True, input: bytes | None = None, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """The docker CLI against the daemon (its own config directory), text output."""
+    env = dict(d.env, DOCKER_CONFIG=os.path.join(d.run, "docker-config"))
+    proc = subprocess.run([DOCKER, *args], env=env, capture_output=True, input=input, timeout=60, **kw)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                      proc.stderr.decode(errors="replace"))  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}\n{out.stdout}\n{out.stderr}")
+    return out

@@ -17,14 +17,11 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-
-from test_docker_cli_containers import docker, stop_and_clean
 
 from cli_helpers import COCON
 from cocon.cli import events as events_cli
-from daemon_helpers import Daemon, start_daemon
+from daemon_helpers import Daemon, docker, module_daemon
 
 LINE = re.compile(
     r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(?:Z|[+-]\d\d:\d\d)) (\w+) (\S+) ([0-9a-f]{64}|\S*)(?: \((.*)\))?$"
@@ -33,12 +30,7 @@ LINE = re.compile(
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(str(tmp_path_factory.mktemp("cli-events")))
-    try:
-        yield d
-    finally:
-        code, log = stop_and_clean(d)
-        assert code == 0 and "Traceback" not in log, log
+    yield from module_daemon(str(tmp_path_factory.mktemp("cli-events")))
 
 
 @pytest.fixture(scope="module")

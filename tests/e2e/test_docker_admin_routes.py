@@ -16,24 +16,16 @@ from typing import Any
 import docker
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from test_docker_cli_containers import docker as docker_cli
-from test_docker_cli_containers import stop_and_clean
-
 from cli_helpers import mounts_under
-from daemon_helpers import DOCKER, Daemon, start_daemon
+from daemon_helpers import DOCKER, Daemon, module_daemon
+from daemon_helpers import docker as docker_cli
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(str(tmp_path_factory.mktemp("docker-admin")))
-    try:
-        yield d
-    finally:
-        code, log = stop_and_clean(d)
-        assert code == 0 and "Traceback" not in log, log
+    yield from module_daemon(str(tmp_path_factory.mktemp("docker-admin")))
 
 
 @pytest.fixture

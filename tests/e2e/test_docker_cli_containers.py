@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,79 +16,23 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from cli_helpers import COCON
-from daemon_helpers import DOCKER, Daemon, cleanup, start_daemon
-
-
-def conmons_of(run: str) -> list[int]:
-    """The conmon processes supervising containers of the daemon whose run directory is `run` (not
-    the daemon's pre-started one, which waits with `--await` for a container to be asked for)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        conmon = argv and argv[0].endswith(b"conmon") and any(run.encode() in a for a in argv)
-        if conmon and not _awaiting(argv):
-            pids.append(int(entry))
-    return pids
-
-
-def _awaiting(argv: list[bytes]) -> bool:
-    """Whether this conmon is a pre-started one whose container was not asked for yet: launched with
-    the runtime argument `--await`, and no container pid written in its bundle."""
-    if b"--await" not in argv or b"-b" not in argv:
-        return False
-    bundle = argv[argv.index(b"-b") + 1].decode()
-    return not os.path.exists(os.path.join(bundle, "pidfile"))
-
-
-def remove_all(d: Daemon) -> None:
-    """Every container of the daemon removed (through it while it runs), then any conmon left killed."""
-    if d.proc.poll() is None:
-        ids = docker(d, "ps", "-aq", check=False).stdout.split()
-        if ids:
-            docker(d, "rm", "-f", *ids, check=False)
-    for pid in conmons_of(d.run):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def stop_and_clean(d: Daemon) -> tuple[int, str]:
-    remove_all(d)
-    code = d.stop()
-    log = d.log()
-    remove_all(d)
-    cleanup(d)
-    return code, log
+from daemon_helpers import (
+    DOCKER,
+    Daemon,
+    cleanup,
+    conmons_of,
+    docker,
+    module_daemon,
+    remove_all,
+    start_daemon,
+    stop_and_clean,
+)
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert os.access(DOCKER, os.X_OK), f"the docker CLI is needed at {DOCKER}"
-    d = start_daemon(str(tmp_path_factory.mktemp("docker-cli-containers")))
-    try:
-        yield d
-    finally:
-        code, log = stop_and_clean(d)
-        assert code == 0 and "Traceback" not in log, log
-
-
-def docker(
-    d: Daemon, *args: str, check: bool = True, input: bytes | None = None, **kw: Any
-) -> subprocess.CompletedProcess[str]:
-    env = dict(d.env, DOCKER_CONFIG=os.path.join(d.run, "docker-config"))
-    proc = subprocess.run([DOCKER, *args], env=env, capture_output=True, input=input, timeout=60, **kw)
-    out = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
-                                      proc.stderr.decode(errors="replace"))  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}\n{out.stdout}\n{out.stderr}")
-    return out
+    yield from module_daemon(str(tmp_path_factory.mktemp("docker-cli-containers")))
 
 
 def test_run_attached_exit_code_and_streams(daemon: Daemon) -> None:

@@ -18,12 +18,10 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from test_docker_cli_containers import stop_and_clean
 
-from daemon_helpers import Daemon, start_daemon
+from daemon_helpers import Daemon, module_daemon
 
 COMPOSE = shutil.which("docker-compose") or "/usr/bin/docker-compose"
 
@@ -52,12 +50,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert os.access(COMPOSE, os.X_OK), (
         f"docker-compose is needed at {COMPOSE} (apt-get install docker-compose)"
     )
-    d = start_daemon(str(tmp_path_factory.mktemp("docker-compose")))
-    try:
-        yield d
-    finally:
-        code, log = stop_and_clean(d)
-        assert code == 0 and "Traceback" not in log, log
+    yield from module_daemon(str(tmp_path_factory.mktemp("docker-compose")))
 
 
 class Project:

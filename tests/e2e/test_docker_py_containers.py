@@ -11,22 +11,15 @@ from collections.abc import Iterator
 import docker
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from test_docker_cli_containers import stop_and_clean
 
-from daemon_helpers import Daemon, start_daemon
+from daemon_helpers import Daemon, module_daemon
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(str(tmp_path_factory.mktemp("docker-py-containers")))
-    try:
-        yield d
-    finally:
-        code, log = stop_and_clean(d)
-        assert code == 0 and "Traceback" not in log, log
+    yield from module_daemon(str(tmp_path_factory.mktemp("docker-py-containers")))
 
 
 @pytest.fixture
