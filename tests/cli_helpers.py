@@ -266,3 +266,25 @@ def cocon_env_fixture(tmp_path: Any) -> Iterator[CoconEnv]:
         unmount_all(run)
         reset_network(root, run)
         shutil.rmtree(run, ignore_errors=True)
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 20) -> bytes:
+    """Read from `fd` (a pty master) until `needle` shows up; fails after `timeout` seconds."""
+    import select
+    import time
+
+    data = b""
+    deadline = time.monotonic() + timeout
+    while needle not in data:
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out waiting for {needle!r}; got {data!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data

@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import select
 import signal
 import struct
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from cli_helpers import COCON, CoconEnv, cocon_env_fixture
+from cli_helpers import COCON, CoconEnv, cocon_env_fixture, read_until
 from cocon.runtime.capabilities import CAPABILITIES, DOCKER_DEFAULT_CAPABILITIES
 
 
@@ -192,24 +191,6 @@ def test_stdin_only_with_interactive(cocon_env: CoconEnv) -> None:
     assert cocon_env("run", "--rm", "busybox", "cat", input="not passed\n").stdout == ""
 
 
-def _read_until(fd: int, needle: bytes, timeout: float = 20) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while needle not in data:
-        left = deadline - time.monotonic()
-        assert left > 0, f"timed out waiting for {needle!r}; got {data!r}"
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
-
-
 def test_tty_interactive_resize(cocon_env: CoconEnv) -> None:
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
@@ -220,13 +201,13 @@ def test_tty_interactive_resize(cocon_env: CoconEnv) -> None:
     )  # fmt: skip
     os.close(slave)
     try:
-        out = _read_until(master, b"30 100")
+        out = read_until(master, b"30 100")
         assert b"/dev/pts/0" in out
         os.write(master, b"typed\r")
-        out += _read_until(master, b"got:typed")
+        out += read_until(master, b"got:typed")
         fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         os.killpg(proc.pid, signal.SIGWINCH)  # what the terminal sends to its foreground group
-        out += _read_until(master, b"40 120")
+        out += read_until(master, b"40 120")
         assert proc.wait(timeout=30) == 6
     finally:
         if proc.poll() is None:

@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from cli_helpers import COCON
+from cli_helpers import COCON, read_until
 from daemon_helpers import DOCKER, Daemon, cleanup, start_daemon
 
 SCRIPT = "tty; stty size; read line; echo got:$line; exit 5"
@@ -35,26 +34,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         if d.proc.poll() is None:
             d.client().container_remove("box", force=True)
         cleanup(d)
-
-
-def read_until(fd: int, needle: bytes, timeout: float = 20) -> bytes:
-    import select
-
-    data = b""
-    deadline = time.monotonic() + timeout
-    while needle not in data:
-        left = deadline - time.monotonic()
-        assert left > 0, f"timed out waiting for {needle!r}; got {data!r}"
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
 
 
 def run_in_pty(argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:

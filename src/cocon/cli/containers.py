@@ -183,15 +183,9 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_rm(client: Client, args: argparse.Namespace) -> int:
-    failed = False
-    for ref in args.containers:
-        try:
-            client.container_remove(ref, force=args.force, volumes=args.volumes)
-            print(ref)
-        except APIError as exc:
-            output.error(str(exc))
-            failed = True
-    return 1 if failed else 0
+    return output.for_each(
+        args.containers, lambda ref: client.container_remove(ref, force=args.force, volumes=args.volumes)
+    )
 
 
 def cmd_inspect(client: Client, args: argparse.Namespace) -> int:
@@ -255,18 +249,6 @@ def filter_containers(items: list[dict[str, Any]], filters: list[str]) -> list[d
     return [c for c in items if all(any(match(c, k, v) for v in vs) for k, vs in by_key.items())]
 
 
-def _each(refs: list[str], action: Any) -> int:
-    failed = False
-    for ref in refs:
-        try:
-            action(ref)
-            print(ref)
-        except APIError as exc:
-            output.error(str(exc))
-            failed = True
-    return 1 if failed else 0
-
-
 def cmd_start(client: Client, args: argparse.Namespace) -> int:
     if args.attach or args.interactive:
         if len(args.containers) != 1:
@@ -277,15 +259,15 @@ def cmd_start(client: Client, args: argparse.Namespace) -> int:
         if code >= 0:
             return code
         return 0
-    return _each(args.containers, client.container_start_detached)
+    return output.for_each(args.containers, client.container_start_detached)
 
 
 def cmd_stop(client: Client, args: argparse.Namespace) -> int:
-    return _each(args.containers, lambda ref: client.container_stop(ref, timeout=args.time))
+    return output.for_each(args.containers, lambda ref: client.container_stop(ref, timeout=args.time))
 
 
 def cmd_restart(client: Client, args: argparse.Namespace) -> int:
-    return _each(args.containers, lambda ref: client.container_restart(ref, timeout=args.time))
+    return output.for_each(args.containers, lambda ref: client.container_restart(ref, timeout=args.time))
 
 
 def cmd_kill(client: Client, args: argparse.Namespace) -> int:
@@ -296,7 +278,7 @@ def cmd_kill(client: Client, args: argparse.Namespace) -> int:
     except Exception as exc:
         output.error(str(exc))
         return 1
-    return _each(args.containers, lambda ref: client.container_kill(ref, sig))
+    return output.for_each(args.containers, lambda ref: client.container_kill(ref, sig))
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
@@ -351,11 +333,11 @@ def cmd_attach(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_pause(client: Client, args: argparse.Namespace) -> int:
-    return _each(args.containers, client.container_pause)
+    return output.for_each(args.containers, client.container_pause)
 
 
 def cmd_unpause(client: Client, args: argparse.Namespace) -> int:
-    return _each(args.containers, client.container_unpause)
+    return output.for_each(args.containers, client.container_unpause)
 
 
 def cmd_rename(client: Client, args: argparse.Namespace) -> int:

@@ -126,28 +126,11 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(client: Client, args: argparse.Namespace) -> int:
-    docs = []
-    failed = False
-    for name in args.names:
-        try:
-            docs.append(client.network_inspect(name))
-        except APIError as exc:
-            output.error(str(exc))
-            failed = True
-    output.json_doc(docs)
-    return 1 if failed else 0
+    return output.inspect_each(args.names, client.network_inspect)
 
 
 def cmd_rm(client: Client, args: argparse.Namespace) -> int:
-    failed = False
-    for name in args.names:
-        try:
-            client.network_remove(name)
-            print(name)
-        except APIError as exc:
-            output.error(str(exc))
-            failed = True
-    return 1 if failed else 0
+    return output.for_each(args.names, client.network_remove)
 
 
 def cmd_connect(client: Client, args: argparse.Namespace) -> int:

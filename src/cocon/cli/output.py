@@ -87,3 +87,36 @@ def short_id(image_id: str) -> str:
 
 def truncate(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def for_each(names: Sequence[str], action: Any) -> int:
+    """`action(name)` for each name, printing it when done (docker's rm/stop/… output); a failure is
+    one error line and the others still run. 1 when any failed."""
+    from cocon.api.client import APIError
+
+    failed = False
+    for name in names:
+        try:
+            action(name)
+            print(name)
+        except APIError as exc:
+            error(str(exc))
+            failed = True
+    return 1 if failed else 0
+
+
+def inspect_each(names: Sequence[str], get: Any) -> int:
+    """`get(name)` for each name, the documents printed as one JSON list (docker's inspect); a
+    failure is one error line. 1 when any failed."""
+    from cocon.api.client import APIError
+
+    docs = []
+    failed = False
+    for name in names:
+        try:
+            docs.append(get(name))
+        except APIError as exc:
+            error(str(exc))
+            failed = True
+    json_doc(docs)
+    return 1 if failed else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cocon.api.client import APIError, Client
+from cocon.api.client import Client
 from cocon.cli import output
 
 
@@ -75,28 +75,11 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(client: Client, args: argparse.Namespace) -> int:
-    docs = []
-    failed = False
-    for name in args.names:
-        try:
-            docs.append(client.volume_inspect(name))
-        except APIError as exc:
-            output.error(str(exc))
-            failed = True
-    output.json_doc(docs)
-    return 1 if failed else 0
+    return output.inspect_each(args.names, client.volume_inspect)
 
 
 def cmd_rm(client: Client, args: argparse.Namespace) -> int:
-    failed = False
-    for name in args.names:
-        try:
-            client.volume_remove(name, force=args.force)
-            print(name)
-        except APIError as exc:
-            output.error(str(exc))
-            failed = True
-    return 1 if failed else 0
+    return output.for_each(args.names, lambda name: client.volume_remove(name, force=args.force))
 
 
 def cmd_prune(client: Client, args: argparse.Namespace) -> int:
