@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from cli_helpers import new_root_with_busybox, unmount_all  # noqa: E402
 from cocon.api.http_client import HTTPClient  # noqa: E402
 from cocon.engine.stats import cgroup_dirs, memory  # noqa: E402
+from daemon_helpers import conmons_of  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -65,39 +66,6 @@ def drop_caches() -> None:
             f.write("3")
     except OSError:
         pass
-
-
-def conmon_pids(run: str) -> list[int]:
-    """conmon processes supervising containers of this run directory (not the pre-started one)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"conmon") and any(run.encode() in a for a in argv) and not _awaiting(entry):
-            pids.append(int(entry))
-    return pids
-
-
-def _awaiting(conmon: str) -> bool:
-    """Whether this conmon's child is a runtime still waiting for its container (`--await`)."""
-    try:
-        with open(f"/proc/{conmon}/task/{conmon}/children") as f:
-            children = f.read().split()
-    except OSError:
-        return False
-    for child in children:
-        try:
-            with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"--await" in f.read().split(b"\0"):
-                    return True
-        except OSError:
-            pass
-    return False
 
 
 def daemon_pid(run: str) -> int:
@@ -134,7 +102,7 @@ def bench(n: int) -> None:
         if len(pids) < n:
             print(f"  only {len(pids)} of {n} containers still run: measuring those", file=sys.stderr)
         n = len(pids) or 1
-        conmons = [rollup(p) for p in conmon_pids(run)]
+        conmons = [rollup(p) for p in conmons_of(run)]
         workload = sum(memory(cgroup_dirs(p))["usage"] for p in pids)
         rss = sum(c.get("Rss", 0) for c in conmons) / n / MiB
         pss = sum(c.get("Pss", 0) for c in conmons) / n / MiB

@@ -30,6 +30,9 @@ import time
 BIN = os.path.dirname(sys.executable)
 COCON = os.path.join(BIN, "cocon")
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from cli_helpers import stop_daemon  # noqa: E402
 
 
 def sh(
@@ -56,22 +59,6 @@ def unmount_below(path: str) -> None:
         points = [line.split()[4] for line in f]
     for p in sorted((p for p in points if p == real or p.startswith(real + "/")), key=len, reverse=True):
         subprocess.run(["umount", "-l", p], check=False, capture_output=True)
-
-
-def stop_daemon(run_dir: str) -> None:
-    """SIGTERM to the daemon the first `cocon` command started, and wait for it to go."""
-    try:
-        with open(os.path.join(run_dir, "cocon.pid")) as f:
-            pid = int(f.read().split()[0])
-        os.kill(pid, 15)
-    except (OSError, ValueError, IndexError):
-        return
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return
-        time.sleep(0.05)
 
 
 BREAKDOWN = r"""
