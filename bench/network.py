@@ -9,10 +9,15 @@ sides. Pairs, each measured in one run:
 
 - host: server and client in the host's namespace on 127.0.0.1 (the reference);
 - container → container on one user network (by the server's address on the bridge);
-- host → published port (127.0.0.1:PORT, DNAT to the container's server).
+- host → published port (127.0.0.1:PORT, DNAT to the container's server);
 
-Prints throughput (iperf3, TCP, 3 s, median of 3) and the median round trip of 2000 one-byte
-requests, and the ratios to the host pair (target: >= 0.9 of host throughput between containers).
+the two container pairs once per network MTU: Docker's default 1500 and 65520 (`network create -o
+mtu=65520`; loopback's is 65536), or the list in BENCH_MTUS (e.g. `BENCH_MTUS=1500,9000,65520`).
+The MTU is what separates the container pair from loopback (docs/network.md, "MTU").
+
+Prints throughput (iperf3, TCP, 3 s, median of 3 rounds in which the pairs take turns, so that the
+load of a shared machine hits them alike) and the median round trip of 2000 one-byte requests,
+and the ratios to the host pair of the same rounds (target: >= 0.9 of host throughput between containers).
 
 Run as root:  .venv/bin/python bench/network.py
 """
@@ -30,6 +35,7 @@ import time
 
 BIN = os.path.dirname(sys.executable)
 COCON = os.path.join(BIN, "cocon")
+JUMBO = 65520  # the largest MTU a veth takes is 65535; 65520 is what loopback-like setups use
 
 ECHO_SERVER = r"""
 import socket, sys
@@ -63,18 +69,15 @@ def in_ns(netns: str | None, cmd: list[str]) -> list[str]:
 
 
 def iperf(server_ns: str | None, client_ns: str | None, target: str, port: int, server_port: int) -> float:
-    """Gbit/s from client to server (median of 3 runs of 3 s)."""
-    results = []
-    for _ in range(3):
-        server = subprocess.Popen(in_ns(server_ns, ["iperf3", "-s", "-1", "-p", str(server_port)]),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            time.sleep(0.3)
-            out = sh(in_ns(client_ns, ["iperf3", "-c", target, "-p", str(port), "-t", "3", "-J"]))
-            results.append(json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9)
-        finally:
-            server.wait(timeout=30)
-    return statistics.median(results)
+    """Gbit/s from client to server (one run of 3 s)."""
+    server = subprocess.Popen(in_ns(server_ns, ["iperf3", "-s", "-1", "-p", str(server_port)]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(0.3)
+        out = sh(in_ns(client_ns, ["iperf3", "-c", target, "-p", str(port), "-t", "3", "-J"]))
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9)
+    finally:
+        server.wait(timeout=30)
 
 
 def rtt(server_ns: str | None, client_ns: str | None, target: str, port: int, server_port: int) -> float:
@@ -89,6 +92,23 @@ def rtt(server_ns: str | None, client_ns: str | None, target: str, port: int, se
         server.wait()
 
 
+Pair = tuple[str, "str | None", "str | None", str, int]  # label, server netns, client netns, target, shift
+
+
+def measure(pairs: list[Pair], rounds: int = 3) -> list[tuple[str, float, float]]:
+    """(label, Gbit/s, RTT us) of each pair: medians of `rounds` rounds in which every pair runs once
+    in turn, so that a change of the machine's load (other work on its cores) hits all pairs alike."""
+    gbps: list[list[float]] = [[] for _ in pairs]
+    rtts: list[list[float]] = [[] for _ in pairs]
+    for _ in range(rounds):
+        for i, (_label, s_ns, c_ns, target, shift) in enumerate(pairs):
+            gbps[i].append(iperf(s_ns, c_ns, target, 5201 + shift, 5201))
+            rtts[i].append(rtt(s_ns, c_ns, target, 5300 + shift, 5300))
+    return [
+        (p[0], statistics.median(g), statistics.median(r)) for p, g, r in zip(pairs, gbps, rtts, strict=True)
+    ]
+
+
 def main() -> int:
     if not shutil.which("iperf3") or not shutil.which("nsenter"):
         raise SystemExit("iperf3 and nsenter are needed: run `make setup`")
@@ -97,31 +117,42 @@ def main() -> int:
     env = dict(os.environ, COCON_ROOT=os.path.join(base, "root"), COCON_RUN=run)
     try:
         sh([COCON, "image", "bootstrap", "busybox"], env)
-        sh([COCON, "network", "create", "--subnet", "10.233.41.0/24", "bench"], env)
-        ids = {}
-        for name, extra in (
-            ("srv", ["-p", "127.0.0.1:15201:5201", "-p", "127.0.0.1:15300:5300"]),
-            ("cli", []),
-        ):
-            ids[name] = sh([COCON, "run", "-d", "--name", name, "--network", "bench", *extra, "busybox",
-                            "sleep", "3600"], env).strip()  # fmt: skip
-        doc = json.loads(sh([COCON, "inspect", "srv"], env))[0]
-        srv_ip = doc["NetworkSettings"]["Networks"]["bench"]["IPAddress"]
-        ns = {name: os.path.join(run, "netns", cid) for name, cid in ids.items()}
-        pairs = [
-            ("host (127.0.0.1)", None, None, "127.0.0.1", 0),
-            ("container -> container", ns["srv"], ns["cli"], srv_ip, 0),
-            ("host -> published port", ns["srv"], None, "127.0.0.1", 10000),  # 15201/15300 → 5201/5300
-        ]
-        rows = [
-            (label, iperf(s_ns, c_ns, ip, 5201 + shift, 5201), rtt(s_ns, c_ns, ip, 5300 + shift, 5300))
-            for label, s_ns, c_ns, ip, shift in pairs
-        ]
-        host_gbps, host_rtt = rows[0][1], rows[0][2]
-        print(f"{'pair':<26} {'Gbit/s':>8} {'ratio':>6} {'RTT us':>8} {'ratio':>6}")
-        for label, gbps, us in rows:
-            print(f"{label:<26} {gbps:8.2f} {gbps / host_gbps:6.2f} {us:8.1f} {host_rtt / us:6.2f}")
-        print(f"throughput container -> container / host: {rows[1][1] / host_gbps:.2f}  (target >= 0.9)")
+        mtus = [int(m) for m in os.environ.get("BENCH_MTUS", f"1500,{JUMBO}").split(",")]
+        print(f"{'pair':<38} {'Gbit/s':>8} {'ratio':>6} {'RTT us':>8} {'ratio':>6}")
+        summary = []
+        for n, mtu in enumerate(mtus):
+            net = f"bench{n}"
+            sh(
+                [COCON, "network", "create", "--subnet", f"10.233.{41 + n}.0/24", "--opt", f"mtu={mtu}", net],
+                env,
+            )
+            ids = {}
+            for name, extra in (
+                ("srv", ["-p", f"127.0.0.1:{15201 + n}:5201", "-p", f"127.0.0.1:{15300 + n}:5300"]),
+                ("cli", []),
+            ):
+                ids[name] = sh([COCON, "run", "-d", "--name", f"{name}{n}", "--network", net, *extra,
+                                "busybox", "sleep", "3600"], env).strip()  # fmt: skip
+            doc = json.loads(sh([COCON, "inspect", f"srv{n}"], env))[0]
+            srv_ip = doc["NetworkSettings"]["Networks"][net]["IPAddress"]
+            ns = {name: os.path.join(run, "netns", cid) for name, cid in ids.items()}
+            rows = measure(
+                [
+                    ("host (127.0.0.1)", None, None, "127.0.0.1", 0),
+                    (f"container -> container (MTU {mtu})", ns["srv"], ns["cli"], srv_ip, 0),
+                    # 15201+n/15300+n → 5201/5300 in the server container
+                    (f"host -> published port (MTU {mtu})", ns["srv"], None, "127.0.0.1", 10000 + n),
+                ]
+            )
+            sh([COCON, "rm", "-f", f"srv{n}", f"cli{n}"], env)
+            host_gbps, host_rtt = rows[0][1], rows[0][2]
+            for label, gbps, us in rows:
+                print(f"{label:<38} {gbps:8.2f} {gbps / host_gbps:6.2f} {us:8.1f} {host_rtt / us:6.2f}")
+            summary.append(
+                f"throughput container -> container (MTU {mtu}) / host: {rows[1][1] / host_gbps:.2f}"
+            )
+        for line in summary:
+            print(line + "  (target >= 0.9)")
     finally:
         subprocess.run([COCON, "system", "reset", "-f"], env=env, capture_output=True, check=False)
         pid_file = os.path.join(run, "cocon.pid")

@@ -109,7 +109,7 @@ def test_default_hostname_is_the_short_id_and_records_stay_without_rm(cocon_env:
     upper = doc["GraphDriver"]["Data"]["UpperDir"]
     assert open(os.path.join(upper, "file")).read() == "data\n"  # the stopped container keeps its changes
     ps = cocon_env("ps", "-a").stdout.splitlines()
-    assert ps[0].split() == ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+    assert ps[0].split() == ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
     assert "Exited (4)" in ps[1] and ps[1].endswith("keeper")
     assert cocon_env("ps").stdout.splitlines()[1:] == []  # not running
     line = json.loads(cocon_env("ps", "-a", "--format", "json").stdout)

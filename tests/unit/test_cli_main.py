@@ -182,7 +182,7 @@ def test_ps_and_rm(capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _, fake = cli(capsys, "ps", "-a")
     assert fake.calls == [("container_list", (True,))]
     lines = out.splitlines()
-    assert lines[0].split() == ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"]
+    assert lines[0].split() == ["CONTAINER", "ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
     assert lines[1].startswith("111111111111   busybox   \"sh -c 'a very long") and lines[1].endswith("web")
     _, out, _, _ = cli(capsys, "container", "ls", "-a", "--format", "json")
     row = json.loads(out)

@@ -48,8 +48,12 @@ def test_engine_port_bindings_and_endpoint_settings() -> None:
         {"Port": 53, "Proto": "udp", "HostIp": "", "HostPort": 0},
         {"Port": 9000, "Proto": "tcp", "HostIp": "", "HostPort": 0},
     ]
-    for bad in ({"PortBindings": {"80/sctp": []}}, {"PortBindings": {"80": [{"HostPort": "8000-8010"}]}},
-                {"PortBindings": {"80": [{"HostIp": "nope"}]}}):  # fmt: skip
+    # a host range for one container port: any free port of it (Docker's), picked at start
+    assert port_bindings({"PortBindings": {"80": [{"HostPort": "8000-8010"}]}}, {}, {}) == [
+        {"Port": 80, "Proto": "tcp", "HostIp": "", "HostPort": 8000, "HostPortEnd": 8010}
+    ]
+    for bad in ({"PortBindings": {"80/sctp": []}}, {"PortBindings": {"80": [{"HostPort": "8010-8000"}]}},
+                {"PortBindings": {"80": [{"HostIp": "nope"}]}}, {"PortBindings": {"80": [{"HostIp": "::1"}]}}):  # fmt: skip
         with pytest.raises(InvalidRequest):
             port_bindings(bad, {}, {})
     assert endpoint_settings({"Aliases": ["a", "a", "b"]}, "n") == {

@@ -21,6 +21,7 @@ def test_parse_port_mapping() -> None:
     assert fw.parse_port_mapping("0.0.0.0:1:2") == fw.PortMapping(1, 2, "tcp", None)
     assert fw.parse_port_mapping("[::1]:8080:80") == fw.PortMapping(8080, 80, "tcp", ip("::1"))
     assert str(fw.parse_port_mapping("10.0.0.1:8080:80/udp")) == "10.0.0.1:8080:80/udp"
+    assert str(fw.parse_port_mapping("[fd00::2]:8080:80")) == "[fd00::2]:8080:80/tcp"  # read back as is
     for bad in ("80", "a:80", "0:80", "70000:80", "8080:80/sctp", "x.y:1:2", "[::1:80:80"):
         with pytest.raises(InvalidNetworkRequest, match="port mapping"):
             fw.parse_port_mapping(bad)
@@ -67,8 +68,11 @@ def test_build_and_apply_own_table_only() -> None:
         text = subprocess.run(
             ["nft", "list", "table", "inet", table], capture_output=True, text=True, check=True
         ).stdout
-        assert f'iifname "cn-{tag}a" oifname "cn-{tag}b" tcp dport 80 accept' in text
-        assert f'iifname "cn-{tag}b" drop' in text
+        inbound_b = text.split(f"chain in-cn-{tag}b {{")[1].split("}")[0]
+        assert f'iifname "cn-{tag}a" tcp dport 80 accept comment "allow a -> b"' in inbound_b
+        assert 'drop comment "b is internal"' in inbound_b
+        assert f'oifname vmap {{ "cn-{tag}a" : jump in-cn-{tag}a, "cn-{tag}b" : jump in-cn-{tag}b }}' in text
+        assert f'iifname "cn-{tag}b" drop' in text  # input: the internal network reaches only DNS
         assert "fib daddr type local tcp dport 8080 dnat ip to 10.250.1.2:80" in text
         assert "ip daddr 127.0.0.1 udp dport 5353 dnat ip to 10.250.1.2:53" in text
         assert "9999" not in text

@@ -130,6 +130,46 @@ def _command(c: dict[str, Any], no_trunc: bool) -> str:
     return text
 
 
+def display_ports(ports: list[dict[str, Any]]) -> str:
+    """Docker's PORTS column (docker/cli's DisplayablePorts): `0.0.0.0:8080->80/tcp`, `[::]:8080->80/tcp`,
+    runs of equal host and container ports grouped (`0.0.0.0:8000-8002->8000-8002/tcp`), exposed
+    ports alone (`80/tcp`)."""
+
+    def join(ip: str, port: str) -> str:
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    def order(p: dict[str, Any]) -> tuple[int, int, str, str]:
+        return (int(p.get("PrivatePort") or 0), int(p.get("PublicPort") or 0), str(p.get("Type") or ""),
+                str(p.get("IP") or ""))  # fmt: skip
+
+    groups: dict[tuple[str, str], list[int]] = {}
+    result: list[str] = []
+    mappings: list[str] = []
+    for p in sorted(ports, key=order):
+        private, kind, ip = (
+            int(p.get("PrivatePort") or 0),
+            str(p.get("Type") or "tcp"),
+            str(p.get("IP") or ""),
+        )
+        if ip and int(p.get("PublicPort") or 0) != private:
+            mappings.append(f"{join(ip, str(p.get('PublicPort')))}->{private}/{kind}")
+            continue
+        group = groups.get((ip, kind))
+        if group is not None and private == group[1] + 1:
+            group[1] = private
+            continue
+        if group is not None:
+            result.append(_port_group(ip, kind, group, join))
+        groups[(ip, kind)] = [private, private]
+    result += [_port_group(ip, kind, g, join) for (ip, kind), g in groups.items()]
+    return ", ".join(result + mappings)
+
+
+def _port_group(ip: str, kind: str, group: list[int], join: Any) -> str:
+    text = str(group[0]) if group[0] == group[1] else f"{group[0]}-{group[1]}"
+    return f"{join(ip, text)}->{text}/{kind}" if ip else f"{text}/{kind}"
+
+
 def cmd_ps(client: Client, args: argparse.Namespace) -> int:
     items = client.container_list(
         all=args.all or any(f.startswith(("status=", "exited=")) for f in args.filter)
@@ -157,6 +197,7 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
                     "LocalVolumes": str(sum(1 for m in c.get("Mounts", []) if m["Type"] == "volume")),
                     "Mounts": ",".join(m.get("Name") or m["Source"] for m in c.get("Mounts", [])),
                     "Names": ",".join(n.lstrip("/") for n in c["Names"]),
+                    "Ports": display_ports(c.get("Ports") or []),
                     "RunningFor": output.time_ago(c["Created"]),
                     "State": c["State"],
                     "Status": c["Status"],
@@ -166,7 +207,7 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
         )
         return 0
     output.table(
-        ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES"],
+        ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"],
         [
             [
                 ident(c),
@@ -174,6 +215,7 @@ def cmd_ps(client: Client, args: argparse.Namespace) -> int:
                 _command(c, args.no_trunc),
                 output.time_ago(c["Created"]),
                 c["Status"],
+                display_ports(c.get("Ports") or []),
                 ",".join(n.lstrip("/") for n in c["Names"]),
             ]
             for c in items

@@ -1,4 +1,4 @@
-"""Network commands: `cocon network create|ls|inspect|rm|connect|disconnect` (docs/network.md)."""
+"""Network commands: `cocon network create|ls|inspect|rm|connect|disconnect|policy` (docs/network.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from cocon.cli import output
 
 
 def register(sub: Any) -> None:
-    group = sub.add_parser("network", help="manage networks (create, ls, inspect, rm, connect, disconnect)")
+    group = sub.add_parser(
+        "network", help="manage networks (create, ls, inspect, rm, connect, disconnect, policy)"
+    )
     nsub = group.add_subparsers(dest="network_command", metavar="COMMAND", title="commands")
     nsub.required = True
     p = nsub.add_parser("create", help="create a bridge network")
@@ -22,9 +24,11 @@ def register(sub: Any) -> None:
     p.add_argument("--ip-range", metavar="CIDR", help="hand out addresses from this part of the subnet")
     p.add_argument("--internal", action="store_true", help="no traffic in or out of the network")
     p.add_argument("--ipv6", action="store_true", help="IPv6 too (give an IPv6 --subnet)")
-    p.add_argument("--label", action="append", default=[], metavar="K=V", help="set a label (repeatable)")
+    p.add_argument("--label", action="append", default=[], metavar="K=V",
+                   help="set a label (repeatable); cocon.policy.allow-from=SOURCE[:PORTS],... adds allow "
+                        "rules as `network policy add` does (e.g. frontend:80/tcp,10.1.0.0/16)")  # fmt: skip
     p.add_argument("-o", "--opt", action="append", default=[], metavar="K=V",
-                   help="driver option (com.docker.network.driver.mtu)")  # fmt: skip
+                   help="driver option: mtu=N (com.docker.network.driver.mtu; default 1500)")  # fmt: skip
     p.add_argument("-d", "--driver", default="bridge", help="bridge (the only driver)")
     p.set_defaults(func=cmd_create)
     p = nsub.add_parser("ls", aliases=["list"], help="list networks")
@@ -50,6 +54,67 @@ def register(sub: Any) -> None:
     p.add_argument("container", metavar="CONTAINER")
     p.add_argument("-f", "--force", action="store_true", help="also for a container that is gone")
     p.set_defaults(func=cmd_disconnect)
+    _register_policy(nsub)
+
+
+POLICY_HELP = """\
+Instances of different networks cannot reach each other, and nothing outside reaches a network's
+instances except through published ports (-p). An allow rule opens one network to new connections
+from another network's instances (or from a subnet routed to this host), to every port or only to
+some of the instances' own ports. Replies always pass; the opposite direction needs its own rule.
+Rules live in the network's firewall chain (see `cocon network inspect NETWORK`, "Firewall"),
+survive daemon restarts and go with the network. Labels declare them at create time:
+  cocon network create --label cocon.policy.allow-from=frontend:80/tcp,monitoring backend
+
+examples:
+  cocon network policy add backend --from frontend --port 5432/tcp
+  cocon network policy add backend --from monitoring --port 9100-9110
+  cocon network policy ls backend
+  cocon network policy rm backend 3f2a9c"""
+
+
+def _register_policy(nsub: Any) -> None:
+    group = nsub.add_parser(
+        "policy", help="allow traffic into a network from other networks (add, ls, rm)",
+        description=POLICY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    psub = group.add_subparsers(dest="policy_command", metavar="COMMAND", title="commands")
+    psub.required = True
+    p = psub.add_parser(
+        "add", help="add allow rules into NETWORK (prints their IDs)",
+        description="Let instances of the --from network (or a subnet) open connections to the instances "
+        "of NETWORK, on every port or on the --port ones. One rule per --from and --port.",
+    )  # fmt: skip
+    p.add_argument("network", metavar="NETWORK", help="the network the traffic goes into")
+    p.add_argument("--from", dest="sources", action="append", required=True, metavar="SOURCE",
+                   help="a network (name or ID) whose instances may connect, or a subnet in CIDR "
+                        "notation (repeatable)")  # fmt: skip
+    p.add_argument("-p", "--port", dest="ports", action="append", default=[], metavar="PORT[-END][/PROTO]",
+                   help="only this port or range of the instances (tcp unless /udp; 'tcp' or 'udp' alone: "
+                        "every port of it; repeatable); default: everything, ping included")  # fmt: skip
+    p.add_argument("-d", "--description", default="", metavar="TEXT", help="a note kept with the rule")
+    p.set_defaults(func=cmd_policy_add)
+    p = psub.add_parser(
+        "ls",
+        aliases=["list"],
+        help="list the allow rules into networks",
+        description="The allow rules into NETWORK (every user network when none is given).",
+    )
+    p.add_argument("networks", nargs="*", metavar="NETWORK")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only rule IDs")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or json (one JSON object per line)")  # fmt: skip
+    p.add_argument("--no-trunc", action="store_true", help="do not truncate descriptions")
+    p.set_defaults(func=cmd_policy_ls)
+    p = psub.add_parser(
+        "rm",
+        aliases=["remove"],
+        help="remove allow rules (their traffic is blocked again)",
+        description="Remove rules of NETWORK by ID (or a unique prefix of one).",
+    )
+    p.add_argument("network", metavar="NETWORK")
+    p.add_argument("rules", nargs="+", metavar="RULE")
+    p.set_defaults(func=cmd_policy_rm)
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -60,6 +125,14 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
             raise APIError(f"invalid {what} {item!r}: use K=V", 400)
         out[k] = v
     return out
+
+
+OPTION_ALIASES = {"mtu": "com.docker.network.driver.mtu"}
+
+
+def _options(items: list[str]) -> dict[str, str]:
+    """-o K=V; the short `mtu` is Docker's com.docker.network.driver.mtu."""
+    return {OPTION_ALIASES.get(k, k): v for k, v in _pairs(items, "option").items()}
 
 
 def cmd_create(client: Client, args: argparse.Namespace) -> int:
@@ -87,7 +160,7 @@ def cmd_create(client: Client, args: argparse.Namespace) -> int:
         "Internal": args.internal,
         "EnableIPv6": args.ipv6,
         "Labels": _pairs(args.label, "label"),
-        "Options": _pairs(args.opt, "option"),
+        "Options": _options(args.opt),
         "IPAM": {"Driver": "default", "Config": configs},
     }
     print(client.network_create(doc)["Id"])
@@ -141,3 +214,52 @@ def cmd_connect(client: Client, args: argparse.Namespace) -> int:
 def cmd_disconnect(client: Client, args: argparse.Namespace) -> int:
     client.network_disconnect(args.network, args.container, force=args.force)
     return 0
+
+
+def cmd_policy_add(client: Client, args: argparse.Namespace) -> int:
+    for source in args.sources:
+        for ports in args.ports or [""]:
+            rule = client.network_policy_add(args.network, source, ports, args.description)
+            print(rule["Id"])
+    return 0
+
+
+def cmd_policy_ls(client: Client, args: argparse.Namespace) -> int:
+    names = args.networks or [
+        n["Name"] for n in client.network_list() if n["Name"] not in ("bridge", "host", "none")
+    ]
+    rules: list[dict[str, Any]] = []
+    failed = False
+    for name in names:
+        try:
+            rules += client.network_policy_list(name)
+        except APIError as exc:
+            output.error(str(exc))
+            failed = True
+    if args.quiet:
+        for r in rules:
+            print(r["Id"])
+    elif args.format == "json":
+        output.json_lines(rules)
+    else:
+        output.table(
+            ["RULE ID", "NETWORK", "FROM", "PORTS", "ORIGIN", "STATUS", "DESCRIPTION"],
+            [
+                [r["Id"], r["Network"], r["From"], r["Ports"], r["Origin"],
+                 "active" if r["Active"] else f"waiting for network {r['From']}",
+                 r["Description"] if args.no_trunc else output.truncate(r["Description"], 40)]
+                for r in rules
+            ],
+        )  # fmt: skip
+    return 1 if failed else 0
+
+
+def cmd_policy_rm(client: Client, args: argparse.Namespace) -> int:
+    failed = False
+    for rule in args.rules:
+        try:
+            print(client.network_policy_remove(args.network, rule)["Id"])
+        except APIError as exc:
+            output.error(str(exc))
+            failed = True
+    return 1 if failed else 0

@@ -360,14 +360,59 @@ def parse_publish(text: str) -> tuple[str, str, str]:
     return f"{int(port)}/{proto}", host_ip, host_port
 
 
+def parse_publish_ranges(text: str) -> list[tuple[str, str, str]]:
+    """`-p` with port ranges, as Docker: `8000-8002:80-82` → 80→8000, 81→8001, 82→8002; `80-82` →
+    each on a free host port; `8000-8010:80` → the first free host port of the range (HostPort
+    "8000-8010", picked at start). Single ports are `parse_publish`'s."""
+    if "-" not in text.rpartition("]")[2]:
+        return [parse_publish(text)]
+    spec, _, proto = text.rpartition("]")[2].partition("/")
+    head = text[: len(text) - len(text.rpartition("]")[2])]
+    usage = f"invalid -p {text!r}: use [HOST_IP:][HOST_PORT[-END]:]PORT[-END][/tcp|udp], e.g. 8000-8002:80-82"
+    parts = spec.split(":")
+    port_text = parts[-1]
+    host_text = parts[-2] if len(parts) >= 2 else ""
+    prefix = head + ":".join(parts[:-2]) + (":" if len(parts) > 2 or head else "")
+    if head and len(parts) == 2 and parts[0] == "":
+        prefix = head + ":"
+
+    def span(value: str) -> tuple[int, int]:
+        first, dash, last = value.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise UsageError(usage)
+        lo, hi = int(first), int(last if dash else first)
+        if not 0 < lo <= hi < 65536:
+            raise UsageError(
+                f"invalid -p {text!r}: a port range goes from a lower to a higher port (1-65535)"
+            )
+        return lo, hi
+
+    lo, hi = span(port_text)
+    suffix = f"/{proto}" if proto else ""
+    if not host_text:
+        return [
+            parse_publish(f"{prefix}:{p}{suffix}" if prefix else f"{p}{suffix}") for p in range(lo, hi + 1)
+        ]
+    hlo, hhi = span(host_text)
+    if lo == hi and hhi > hlo:  # one container port, any free host port of the range
+        key, host_ip, _ = parse_publish(f"{prefix}{hlo}:{lo}{suffix}")
+        return [(key, host_ip, f"{hlo}-{hhi}")]
+    if hhi - hlo != hi - lo:
+        raise UsageError(
+            f"invalid -p {text!r}: the host range {host_text} has {hhi - hlo + 1} ports and the container "
+            f"range {port_text} {hi - lo + 1}: give ranges of the same length"
+        )
+    return [parse_publish(f"{prefix}{hlo + n}:{lo + n}{suffix}") for n in range(hi - lo + 1)]
+
+
 def _network_request(opts: RunOptions, body: dict[str, Any], host: dict[str, Any]) -> None:
     """-p, -P, --expose, --ip, --ip6, --network-alias as Docker's create body has them."""
     bindings: dict[str, list[dict[str, str]]] = {}
     exposed: dict[str, Any] = {}
     for text in opts.publish:
-        key, host_ip, host_port = parse_publish(text)
-        bindings.setdefault(key, []).append({"HostIp": host_ip, "HostPort": host_port})
-        exposed[key] = {}
+        for key, host_ip, host_port in parse_publish_ranges(text):
+            bindings.setdefault(key, []).append({"HostIp": host_ip, "HostPort": host_port})
+            exposed[key] = {}
     for text in opts.expose:
         port, _, proto = text.partition("/")
         if not port.isdigit() or (proto or "tcp") not in ("tcp", "udp"):

@@ -46,6 +46,7 @@ BUILTIN = ("none", "host", "bridge")
 DEFAULT_RUN = "/run/cocon"
 
 _STACKS: dict[str, NetworkStack] = {}
+_RENAME_TOKENS: dict[str, int] = {}  # root -> events subscription of its stack (_follow_renames)
 _STACKS_LOCK = threading.Lock()
 _SERVE_DNS = False
 
@@ -107,7 +108,39 @@ def stack(engine: Engine) -> NetworkStack:
                 )
             )
             _STACKS[key] = found
+            _follow_renames(engine, found)
         return found
+
+
+def _follow_renames(engine: Engine, st: NetworkStack) -> None:
+    """A renamed container answers to its new name on its networks' DNS (and no longer to the old
+    one): the rename event of this process renames its endpoints. (A rename in another process is
+    caught up by `restore`.)"""
+    from cocon.engine.events import Event, subscribe
+
+    root = engine.root
+
+    def on_event(event: Event) -> None:
+        if event.type != "container" or event.action != "rename":
+            return
+        from cocon.engine.instances import InstanceStore
+
+        store = InstanceStore(root)
+        try:
+            name = store.get(event.actor).name
+        finally:
+            store.close()
+        st.rename(event.actor, name)
+
+    _RENAME_TOKENS[root] = subscribe(engine.events.path, on_event)
+
+
+def _unfollow(root: str) -> None:
+    from cocon.engine.events import unsubscribe
+
+    token = _RENAME_TOKENS.pop(root, None)
+    if token is not None:
+        unsubscribe(token)
 
 
 def _quiet_class() -> type[NetworkStack]:
@@ -130,10 +163,12 @@ def reset(engine: Engine) -> None:
 
     with _STACKS_LOCK:
         st = _STACKS.pop(engine.root, None)
+        _unfollow(engine.root)
     if st is None and os.path.exists(os.path.join(engine.root, "networks.db")):
         st = stack(engine)
         with _STACKS_LOCK:
             _STACKS.pop(engine.root, None)
+            _unfollow(engine.root)
     if st is not None:
         _call(st.reset)
     shutil.rmtree(os.path.join(engine.run_dir, "netns"), ignore_errors=True)
@@ -142,8 +177,9 @@ def reset(engine: Engine) -> None:
 def close_all() -> None:
     """Stop the DNS listeners (daemon shutdown); links and rules stay for the containers."""
     with _STACKS_LOCK:
-        for st in _STACKS.values():
+        for root, st in _STACKS.items():
             st.close()
+            _unfollow(root)
         _STACKS.clear()
 
 
@@ -175,6 +211,10 @@ def restore(engine: Engine) -> None:
     ]
     for owner, net in stale:
         _call(functools.partial(st.detach, owner, net))
+    names = {r.id: r.name for r in engine.instances.list()}
+    for ep in _call(st.endpoints):  # renamed while no daemon listened
+        if ep.owner in names and ep.name is not None and ep.name != names[ep.owner]:
+            _call(functools.partial(st.rename, ep.owner, names[ep.owner]))
     _drop_idle_default(engine)
 
 
@@ -403,20 +443,35 @@ def port_bindings(
         for item in items or [{}]:
             if not isinstance(item, dict):
                 raise InvalidRequest(f"HostConfig.PortBindings[{key!r}]: each binding is an object")
-            host_ip = str(item.get("HostIp") or "")
+            host_ip = str(item.get("HostIp") or "").strip("[]")
             host_port = str(item.get("HostPort") or "0")
-            if "-" in host_port:
-                raise InvalidRequest(f"port range {host_port!r} is not supported yet: publish single ports")
-            if not host_port.isdigit() or not 0 <= int(host_port) < 65536:
-                raise InvalidRequest(f"invalid host port {host_port!r} for {key}: give 1-65535")
+            first, dash, last = host_port.partition("-")
+            if not first.isdigit() or (dash and not last.isdigit()) or not 0 <= int(first) < 65536:
+                raise InvalidRequest(
+                    f"invalid host port {host_port!r} for {key}: give 1-65535 or a range such as 8000-8010"
+                )
+            end = int(last) if dash else int(first)
+            if dash and not 0 < int(first) <= end < 65536:
+                raise InvalidRequest(
+                    f"invalid host port range {host_port!r} for {key}: from low to high, 1-65535"
+                )
             if host_ip:
                 import ipaddress
 
                 try:
-                    ipaddress.ip_address(host_ip)
+                    addr = ipaddress.ip_address(host_ip)
                 except ValueError:
                     raise InvalidRequest(f"invalid host IP {host_ip!r} for {key}") from None
-            out.append({"Port": port, "Proto": proto, "HostIp": host_ip, "HostPort": int(host_port)})
+                if addr.version == 6 and addr.is_loopback:
+                    raise InvalidRequest(
+                        f"cannot publish {key} on [::1]: IPv6 has no route_localnet, so the kernel does not "
+                        "route loopback traffic to a container (cocon runs no userland proxy); publish on "
+                        "127.0.0.1, or on an IPv6 address of the host with a network that has IPv6"
+                    )
+            binding = {"Port": port, "Proto": proto, "HostIp": host_ip, "HostPort": int(first)}
+            if end > int(first):
+                binding["HostPortEnd"] = end  # any free port of the range, picked at start (Docker's)
+            out.append(binding)
     if host.get("PublishAllPorts"):
         exposed = dict(image_config.get("ExposedPorts") or {})
         exposed.update(body.get("ExposedPorts") or {})
@@ -498,12 +553,37 @@ def _attach(
 
 def _ports(cfg: dict[str, Any]) -> list[str]:
     """The port bindings as cocon.network mappings, free host ports picked for HostPort 0."""
-    out = []
+    out: list[str] = []
     for b in cfg.get("PortBindings") or []:
-        host_ip, host_port = b["HostIp"], b["HostPort"] or _free_port(b["HostIp"], b["Proto"])
+        host_ip = b["HostIp"]
         ip = f"[{host_ip}]:" if ":" in host_ip else (f"{host_ip}:" if host_ip else "")
+        if b.get("HostPortEnd"):
+            host_port = _free_in_range(b, out, ip)
+        else:
+            host_port = b["HostPort"] or _free_port(b["HostIp"], b["Proto"])
         out.append(f"{ip}{host_port}:{b['Port']}/{b['Proto']}")
     return out
+
+
+def _free_in_range(b: dict[str, Any], chosen: list[str], ip: str) -> int:
+    """The first port of HostPort..HostPortEnd that no socket, no other instance and no earlier
+    binding of this container holds (the stack's checks at attach are the last word)."""
+    from cocon.network.errors import NetworkError
+    from cocon.network.firewall import check_port_free, parse_port_mapping
+
+    lo, hi, proto = int(b["HostPort"]), int(b["HostPortEnd"]), b["Proto"]
+    taken = {(m.host_port, m.protocol) for m in (parse_port_mapping(c) for c in chosen)}
+    for port in range(lo, hi + 1):
+        if (port, proto) in taken:
+            continue
+        try:
+            check_port_free(parse_port_mapping(f"{ip}{port}:{b['Port']}/{proto}"))
+        except NetworkError:
+            continue
+        return port
+    raise Conflict(
+        f"every host port of {lo}-{hi}/{proto} is in use: stop what listens there or publish on another range"
+    )
 
 
 def _free_port(host_ip: str, proto: str) -> int:
@@ -717,12 +797,129 @@ def _endpoint_id(cid: str, network: str) -> str:
     return hashlib.sha256(f"{cid}/{network}".encode()).hexdigest()
 
 
-def port_list(eps: list[Endpoint]) -> list[dict[str, Any]]:
-    """`GET /containers/json`'s Ports of a container."""
-    out = []
+def port_list(eps: list[Endpoint], config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """`GET /containers/json`'s Ports of a container: the published ones, and with `config` (the
+    record's, for a running container) the exposed ones that are not published ({PrivatePort, Type}),
+    as dockerd lists them."""
+    out: list[dict[str, Any]] = []
     for ep in eps:
         for m in ep.ports:
             ips = [str(m.host_ip)] if m.host_ip is not None else _any_ips(ep)
             for ip in ips:
                 out.append({"IP": ip, "PrivatePort": m.port, "PublicPort": m.host_port, "Type": m.protocol})
+    if config is not None and (config.get("Network") or "none") != "host":
+        published = {(p["PrivatePort"], p["Type"]) for p in out}
+        exposed = dict((config.get("Create") or {}).get("ExposedPorts") or {})
+        for key in exposed:
+            port, _, proto = str(key).partition("/")
+            if port.isdigit() and (int(port), proto or "tcp") not in published:
+                out.append({"PrivatePort": int(port), "Type": proto or "tcp"})
     return out
+
+
+# --- policy (cocon network policy) ----------------------------------------------------------------------
+POLICY_LABEL = "cocon.policy.allow-from"
+_LABEL_PORTS = r"^(\d+(-\d+)?(/(tcp|udp))?|tcp|udp|all)$"
+
+
+def label_rules(labels: dict[str, str] | None) -> list[tuple[str, str]]:
+    """The allow rules a network's labels declare: `cocon.policy.allow-from=SOURCE[:PORTS],…` with
+    SOURCE a network name or a CIDR and PORTS as `network policy add --port` takes them
+    (`frontend:80/tcp,monitoring,10.0.0.0/8:9100-9110`) → [(source, ports)]. Checked, not applied."""
+    text = (labels or {}).get(POLICY_LABEL)
+    if text is None:
+        return []
+    import re
+
+    _site()
+    from cocon.network.stack import parse_rule_ports
+
+    out = []
+    for item in text.replace(" ", ",").split(","):
+        if not item:
+            continue
+        source, sep, ports = item.rpartition(":")
+        if not sep or not re.match(_LABEL_PORTS, ports):
+            source, ports = item, ""
+        if not source:
+            raise InvalidRequest(f"label {POLICY_LABEL}={text!r}: {item!r} names no source network")
+        _call(functools.partial(parse_rule_ports, ports))
+        out.append((source, ports))
+    if not out:
+        raise InvalidRequest(
+            f"label {POLICY_LABEL} is empty: give SOURCE[:PORT[-END][/PROTO]],… (e.g. frontend:80/tcp)"
+        )
+    return out
+
+
+def _policy_network(engine: Engine, ref: str) -> Network:
+    record = engine.networks.get(ref)
+    if record.name in ("host", "none"):
+        raise InvalidRequest(
+            f"network {record.name} has no firewall of cocon's: policies apply to bridge networks"
+        )
+    if record.name == "bridge":
+        raise InvalidRequest(
+            "the default bridge network takes no policies (as Docker's, it is kept simple): create a "
+            "network (cocon network create NAME) and add the rules to it"
+        )
+    return ensure_network(engine, record.name)
+
+
+def rule_doc(rule: Any) -> dict[str, Any]:
+    """One rule as the API shows it."""
+    import time
+
+    return {
+        "Id": rule.id, "Network": rule.target, "From": rule.source, "Ports": rule.ports,
+        "Protocol": rule.protocol or "all", "Port": rule.port or 0,
+        "PortEnd": rule.port_end or rule.port or 0,
+        "Origin": rule.origin, "Description": rule.description, "Active": rule.active,
+        "Created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rule.created)),
+    }  # fmt: skip
+
+
+def policy_list(engine: Engine, network: str) -> list[dict[str, Any]]:
+    net = _policy_network(engine, network)
+    return [rule_doc(r) for r in _call(lambda: stack(engine).rules(net.name))]
+
+
+def policy_add(
+    engine: Engine, network: str, source: str, ports: str = "", description: str = "", origin: str = "user"
+) -> dict[str, Any]:
+    """Let `source` (a network, by name or ID, or a CIDR) reach `network`'s instances (on `ports`)."""
+    net = _policy_network(engine, network)
+    if "/" not in source and origin == "user":
+        source = engine.networks.get(source).name  # an ID or a prefix of one is fine too
+        if source in ("host", "none"):
+            raise InvalidRequest(
+                f"--from {source}: give a bridge network or a subnet (the host always reaches instances)"
+            )
+    st = stack(engine)
+    if "/" not in source and origin == "user":
+        ensure_network(engine, source)
+    rule = _call(lambda: st.add_rule(net.name, source, ports, description=description, origin=origin))
+    return rule_doc(rule)
+
+
+def policy_remove(engine: Engine, network: str, rule_id: str) -> dict[str, Any]:
+    net = _policy_network(engine, network)
+    return rule_doc(_call(lambda: stack(engine).remove_rule(net.name, rule_id)))
+
+
+def firewall_doc(engine: Engine, name: str) -> dict[str, Any] | None:
+    """The "Firewall" section of `network inspect`: the nftables table and this network's chains,
+    its rules. None when the network is not made (yet)."""
+    from cocon.network.firewall import chain_names
+
+    st = stack(engine)
+    try:
+        net = _call(lambda: st.get_network(name))
+    except NotFound:
+        return None
+    inbound, outbound = chain_names(net.bridge)
+    return {
+        "Table": f"inet {st.table}",
+        "Chains": {"Inbound": inbound, "Outbound": outbound},
+        "Rules": [rule_doc(r) for r in _call(lambda: st.rules(net.name))],
+    }

@@ -1,17 +1,17 @@
 """Network records (`$COCON_ROOT/networks.db`): Docker's three predefined networks and user networks.
 
-**Stub records only.** cocon has no bridged networking yet (that is the network layer's issue):
-containers get `none` (their own namespace with `lo`) or `host`. This module keeps what Docker
-clients expect to list and inspect — `bridge`, `host` and `none`, made on first use with stable
-random IDs — and records user networks created through the API so that `docker network create/ls/
-inspect/rm` behave, with a warning that containers cannot join them yet. The network layer will
-own these records (and add IPAM and the bridge itself) when it lands.
+The Docker side of networks: what clients list and inspect — `bridge`, `host` and `none`, made on
+first use with stable random IDs — and the user networks created through the API (IDs, labels,
+options, the IPAM request). The networks themselves (bridges, addresses, firewall, DNS) are
+cocon.network's `NetworkStack`, in the same database file (its `net_*` tables, among them
+`net_rules`: the allow rules of `network policy` and of `cocon.policy.allow-from` labels), which
+cocon.engine.netattach keeps in step with these records (docs/network.md).
 
 Endpoints are records too: which container was created on, or connected to, which user network,
-with its aliases (`docker network connect`, docker-compose's networks). They give a container no
-connectivity (it runs as with --network none); they make `docker network inspect`, `rm` (refused
-while a container is attached) and docker-compose behave as with dockerd. Endpoints of containers
-that are gone are dropped by `drop_stale_endpoints`, which the API calls before answering.
+with its aliases (`docker network connect`, docker-compose's networks), so that `docker network
+inspect`, `rm` (refused while a container is attached) and docker-compose behave as with dockerd.
+Endpoints of containers that are gone are dropped by `drop_stale_endpoints`, which the API calls
+before answering.
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
 DB_NAME = "networks.db"
 
 PREDEFINED = {"bridge": "bridge", "host": "host", "none": "null"}  # name -> driver
-NOT_YET = (
-    "cocon has no bridged networking yet (a later release adds it): containers can use "
-    "--network none or --network host"
-)
 
 SCHEMA_VERSION = 2  # raise with every change to _SCHEMA
 _SCHEMA = """
@@ -244,8 +240,8 @@ class NetworkStore:
             raise Conflict(f"{name} is a pre-defined network and cannot be created again")
         if driver != "bridge":
             raise InvalidRequest(
-                f"network driver {driver!r} is not supported: cocon records bridge networks only "
-                f"(and {NOT_YET})"
+                f"network driver {driver!r} is not supported: cocon makes bridge networks only "
+                "(leave --driver out)"
             )
         net_id = os.urandom(32).hex()
         try:
@@ -337,7 +333,7 @@ class NetworkStore:
         if net.predefined:
             raise InvalidRequest(
                 f"containers cannot be connected to the pre-defined network {net.name} after create: "
-                f"choose it with --network when creating the container ({NOT_YET})"
+                "choose it with --network when creating the container"
             )
         names = []
         for alias in aliases:

@@ -9,11 +9,13 @@ podman's, the admin's) is read, flushed or rewritten. `teardown(table)` deletes 
 Chains (base chains at the standard priorities; a drop in any base chain is final, an accept here
 does not override another table's drop):
 
-- `forward` (filter): established/related accepted; explicit allow rules (network A → network B,
-  optionally one protocol/port); traffic within one bridge accepted (seen here when br_netfilter
-  is loaded); published (DNATed) connections into a non-internal network accepted; internal
-  networks: everything in or out of their bridge dropped; other networks: traffic to another cocon
-  bridge dropped (isolation), outbound accepted, unsolicited inbound dropped.
+- `forward` (filter): established/related accepted; then per network two regular chains
+  (`chain_names`): `in-<bridge>` takes every new connection INTO the network — within the bridge
+  accepted (seen here when br_netfilter is loaded), the network's allow rules (from another
+  network or a subnet, optionally one protocol and port range), then for internal networks a drop;
+  for the others connections from internal networks dropped, published (DNATed) connections
+  accepted, everything else dropped (isolation) — and `out-<bridge>` every new connection leaving
+  it for anything that is not a cocon network (accepted; dropped for internal networks).
 - `input` (filter): packets from a cocon bridge to 127.0.0.0/8 dropped (route_localnet is on for
   the bridges, see below); internal networks reach only DNS (53/udp, 53/tcp) on the host.
 - `prerouting` / `output` (nat, dstnat): DNAT of published ports. With no host address given the
@@ -79,7 +81,10 @@ class PortMapping:
     host_ip: IPAddress | None = None
 
     def __str__(self) -> str:
-        host = "" if self.host_ip is None else f"{self.host_ip}:"
+        if self.host_ip is None:
+            host = ""
+        else:
+            host = f"[{self.host_ip}]:" if self.host_ip.version == 6 else f"{self.host_ip}:"
         return f"{host}{self.host_port}:{self.port}/{self.protocol}"
 
 
@@ -94,13 +99,43 @@ class Published:
 
 @record(frozen=True)
 class AllowRule:
-    """Let instances of network `source` open connections to instances of network `target`,
-    optionally only to one protocol (and port)."""
+    """Let `source` open connections to instances of network `target`: `source` is a network's name
+    (its instances) or a subnet in CIDR notation (routed clients); optionally only `protocol`
+    (tcp, udp) and destination ports `port`..`port_end` (the instances' own ports, not host ports).
+    `id` names the rule in nftables comments and in `network policy rm`."""
 
     source: str
     target: str
     protocol: str | None = None
     port: int | None = None
+    port_end: int | None = None
+    id: str = ""
+
+    def ports_text(self) -> str:
+        """`80/tcp`, `8000-8010/udp`, `tcp` (every port), `all` (every protocol)."""
+        if self.protocol is None:
+            return "all"
+        if self.port is None:
+            return self.protocol
+        end = f"-{self.port_end}" if self.port_end is not None and self.port_end != self.port else ""
+        return f"{self.port}{end}/{self.protocol}"
+
+
+def source_subnet(source: str) -> IPNetwork | None:
+    """The subnet an allow rule's source names, or None when it names a network."""
+    if "/" not in source:
+        return None
+    try:
+        return ipaddress.ip_network(source, strict=False)
+    except ValueError:
+        return None
+
+
+def chain_names(bridge: str) -> tuple[str, str]:
+    """(inbound, outbound) chains of the network whose bridge is `bridge`: `in-<bridge>` decides
+    every new connection into the network (within it, allow rules, published ports, the rest
+    dropped), `out-<bridge>` every connection leaving it for somewhere other than a cocon network."""
+    return f"in-{bridge}", f"out-{bridge}"
 
 
 @record(frozen=True)
@@ -239,6 +274,9 @@ class _Builder:
             }
         )
 
+    def chain_regular(self, name: str) -> None:
+        self.commands.append({"add": {"chain": {"family": "inet", "table": self.table, "name": name}}})
+
     def rule(self, chain: str, *expr: Expr, comment: str | None = None) -> None:
         rule: dict[str, Any] = {"family": "inet", "table": self.table, "chain": chain, "expr": list(expr)}
         if comment:
@@ -254,7 +292,8 @@ def build(decl: Declaration, table: str = DEFAULT_TABLE) -> list[dict[str, Any]]
     """The nftables JSON commands that replace `table` with what `decl` declares."""
     names = {n.name: n for n in decl.networks}
     for rule in decl.allow:
-        for name in (rule.source, rule.target):
+        sources = [] if source_subnet(rule.source) is not None else [rule.source]
+        for name in [*sources, rule.target]:
             if name not in names:
                 raise InvalidNetworkRequest(f"allow rule names network {name!r}, which does not exist")
     b = _Builder(table)
@@ -268,28 +307,48 @@ def build(decl: Declaration, table: str = DEFAULT_TABLE) -> list[dict[str, Any]]
     if not bridges:
         return b.commands
 
-    # forward
+    # forward: established traffic first, then one chain per network decides the new connections
+    # into it (in-<bridge>) and out of it to anything that is not a cocon network (out-<bridge>)
+    internal = sorted(n.bridge for n in decl.networks if n.internal)
     b.rule("forward", _iif(bridges), _ct("state", ["established", "related"]), ACCEPT)
     b.rule("forward", _oif(bridges), _ct("state", ["established", "related"]), ACCEPT)
-    for rule in decl.allow:
-        src, dst = names[rule.source], names[rule.target]
-        expr = [_iif(src.bridge), _oif(dst.bridge)]
-        if rule.protocol is not None:
-            expr.append(_match(_meta("l4proto"), rule.protocol))
-            if rule.port is not None:
-                expr.append(_match(_payload(rule.protocol, "dport"), rule.port))
-        b.rule("forward", *expr, ACCEPT, comment=f"allow {rule.source} -> {rule.target}")
     for net in decl.networks:
-        b.rule("forward", _iif(net.bridge), _oif(net.bridge), ACCEPT, comment=f"within {net.name}")
+        b.chain_regular(chain_names(net.bridge)[0])
+        b.chain_regular(chain_names(net.bridge)[1])
+    # one lookup per packet whatever the number of networks (verdict maps on the interface names)
+    for key, which in (("oifname", 0), ("iifname", 1)):
+        pairs = [[n.bridge, {"jump": {"target": chain_names(n.bridge)[which]}}] for n in decl.networks]
+        b.rule("forward", {"vmap": {"key": _meta(key), "data": {"set": pairs}}})
     for net in decl.networks:
+        inbound, outbound = chain_names(net.bridge)
+        # within one bridge (seen here when br_netfilter is loaded)
+        b.rule(inbound, _iif(net.bridge), ACCEPT, comment=f"within {net.name}")
+        for rule in decl.allow:
+            if rule.target != net.name:
+                continue
+            subnet = source_subnet(rule.source)
+            expr: list[Expr] = []
+            if subnet is not None:
+                expr.append(_match(_payload(_fam(subnet.version), "saddr"), _prefix(subnet)))
+            else:
+                expr.append(_iif(names[rule.source].bridge))
+            if rule.protocol is not None:
+                expr.append(_match(_meta("l4proto"), rule.protocol))
+                if rule.port is not None:
+                    end = rule.port if rule.port_end is None else rule.port_end
+                    dport: Any = rule.port if end == rule.port else {"range": [rule.port, end]}
+                    expr.append(_match(_payload(rule.protocol, "dport"), dport))
+            label = f"policy {rule.id} " if rule.id else ""
+            b.rule(inbound, *expr, ACCEPT, comment=f"{label}allow {rule.source} -> {rule.target}")
         if net.internal:
-            b.rule("forward", _iif(net.bridge), DROP, comment=f"{net.name} is internal")
-            b.rule("forward", _oif(net.bridge), DROP, comment=f"{net.name} is internal")
+            b.rule(inbound, DROP, comment=f"{net.name} is internal")
+            b.rule(outbound, DROP, comment=f"{net.name} is internal")
             continue
-        b.rule("forward", _oif(net.bridge), _ct("status", "dnat"), ACCEPT, comment=f"published in {net.name}")
-        b.rule("forward", _iif(net.bridge), _oif(bridges), DROP, comment=f"isolate {net.name}")
-        b.rule("forward", _iif(net.bridge), ACCEPT, comment=f"{net.name} outbound")
-        b.rule("forward", _oif(net.bridge), DROP, comment=f"{net.name} no unsolicited inbound")
+        if internal:
+            b.rule(inbound, _iif(internal), DROP, comment="internal networks reach nothing outside")
+        b.rule(inbound, _ct("status", "dnat"), ACCEPT, comment=f"published in {net.name}")
+        b.rule(inbound, DROP, comment=f"{net.name}: no other connections in")
+        b.rule(outbound, ACCEPT, comment=f"{net.name} outbound")
 
     # input
     # replies to loopback-published connections come back to 127.0.0.1 through the bridge
@@ -393,6 +452,34 @@ def table_exists(table: str = DEFAULT_TABLE) -> bool:
     nft = _nft()
     rc, _out, _err = nft.json_cmd({"nftables": [{"list": {"table": {"family": "inet", "name": table}}}]})
     return bool(rc == 0)
+
+
+def forget_connections(sources: Sequence[IPNetwork], targets: Sequence[IPNetwork]) -> int:
+    """Delete the conntrack entries of connections from `sources` to `targets` (after an allow rule
+    went: an established connection — or a ping whose ICMP id comes again — would otherwise still
+    pass the `established` accept). Returns how many went."""
+    if not sources or not targets:
+        return 0
+    from pyroute2.conntrack import Conntrack  # type: ignore[import-untyped]
+
+    gone = 0
+    with Conntrack() as ct:
+        matching = []
+        for entry in list(ct.dump_entries()):  # the whole dump first: the socket answers one request
+            orig = entry.tuple_orig
+            try:
+                src, dst = ipaddress.ip_address(orig.saddr), ipaddress.ip_address(orig.daddr)
+            except (TypeError, ValueError):
+                continue
+            if any(src in s for s in sources) and any(dst in t for t in targets):
+                matching.append(orig)
+        for orig in matching:
+            try:
+                ct.entry("del", tuple_orig=orig)
+                gone += 1
+            except Exception:  # gone meanwhile
+                pass
+    return gone
 
 
 def enable_forwarding(ipv6: bool) -> None:

@@ -8,7 +8,8 @@ three tables next to IPAM's `ipam_allocations`:
     net_endpoints  (owner, network) key; kind ('veth' | 'tap'), host_ifname, ifname, netns, mac,
                    addresses (JSON: ['172.18.0.2/16', …]), name, aliases (JSON), ports (JSON:
                    ['127.0.0.1:8080:80/tcp', …]), created
-    net_policies   (source, target, protocol, port) key: allow rules between networks
+    net_rules      id (key), target, source (a network name or a CIDR), protocol, port, port_end,
+                   origin ('user' | 'label'), description, created: allow rules into networks
 
 Everything else — bridges, veths, taps, the nftables table, the DNS listeners — is derived from
 these rows and can be rebuilt from them (`restore()` at daemon start). Mutations take a file lock
@@ -81,12 +82,17 @@ CREATE TABLE IF NOT EXISTS net_endpoints (
     created REAL NOT NULL,
     PRIMARY KEY (owner, network)
 );
-CREATE TABLE IF NOT EXISTS net_policies (
-    source TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS net_rules (
+    id TEXT PRIMARY KEY,
     target TEXT NOT NULL,
+    source TEXT NOT NULL,
     protocol TEXT NOT NULL DEFAULT '',
     port INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (source, target, protocol, port)
+    port_end INTEGER NOT NULL DEFAULT 0,
+    origin TEXT NOT NULL DEFAULT 'user',
+    description TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    UNIQUE (target, source, protocol, port, port_end)
 );
 """
 
@@ -139,6 +145,51 @@ class Network:
         return firewall.NetworkRules(
             self.name, self.bridge, tuple(s.subnet for s in self.subnets), self.gateways, self.internal
         )
+
+
+@record(frozen=True)
+class PolicyRule:
+    """An allow rule into network `target` (see `NetworkStack.add_rule`). `active` is False while
+    its source network does not exist (the rule waits for it)."""
+
+    id: str
+    target: str
+    source: str
+    protocol: str | None
+    port: int | None
+    port_end: int | None
+    origin: str
+    description: str
+    created: float
+    active: bool
+
+    def allow_rule(self) -> firewall.AllowRule:
+        return firewall.AllowRule(self.source, self.target, self.protocol, self.port, self.port_end, self.id)
+
+    @property
+    def ports(self) -> str:
+        return self.allow_rule().ports_text()
+
+
+def parse_rule_ports(text: str) -> tuple[str | None, int | None, int | None]:
+    """`PORT[-END][/tcp|udp]` (tcp by default, as Docker's ports), `tcp`, `udp` (every port), `all`
+    or '' (every protocol) → (protocol, port, port_end)."""
+    text = text.strip().lower()
+    if text in ("", "all", "any"):
+        return None, None, None
+    if text in ("tcp", "udp"):
+        return text, None, None
+    spec, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    first, dash, last = spec.partition("-")
+    ok = proto in ("tcp", "udp") and first.isdigit() and (not dash or last.isdigit())
+    lo, hi = (int(first), int(last if dash else first)) if ok else (0, 0)
+    if not ok or not 0 < lo <= hi < 65536:
+        raise InvalidNetworkRequest(
+            f"invalid port {text!r} for an allow rule: use PORT[-END][/tcp|udp] (e.g. 80/tcp, 8000-8010, "
+            "53/udp), tcp or udp for every port, or leave it out for everything"
+        )
+    return proto, lo, (hi if hi != lo else None)
 
 
 @record(frozen=True)
@@ -232,6 +283,7 @@ class NetworkStack:
     ) -> None:
         self.db = connect(db)
         self.db.executescript(SCHEMA)
+        self._migrate()
         self.ipam = Ipam(self.db)
         self.run_dir = run_dir
         self.table = table
@@ -367,41 +419,163 @@ class NetworkStack:
                 )
             with self.db:
                 self.db.execute("DELETE FROM net_networks WHERE name=?", (net.name,))
-                self.db.execute("DELETE FROM net_policies WHERE source=? OR target=?", (net.name, net.name))
+                # its own rules go; rules of other networks naming it wait for a network of that name
+                self.db.execute("DELETE FROM net_rules WHERE target=?", (net.name,))
             self.ipam.release_network(net.id)
             self.rebuild_firewall()
             self._refresh_dns()
             links.delete_link(net.bridge)
 
     # --- policies ---------------------------------------------------------------------------
+    _RULE_COLS = "id, target, source, protocol, port, port_end, origin, description, created"
+
+    def _migrate(self) -> None:
+        """Allow rules of the first schema (`net_policies`, no IDs) become `net_rules` rows."""
+        old = self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='net_policies'"
+        ).fetchone()
+        if old is None:
+            return
+        with self.db:
+            for source, target, protocol, port in self.db.execute(
+                "SELECT source, target, protocol, port FROM net_policies"
+            ).fetchall():
+                self.db.execute(
+                    f"INSERT OR IGNORE INTO net_rules ({self._RULE_COLS}) VALUES (?,?,?,?,?,0,'user','',?)",
+                    (os.urandom(6).hex(), target, source, protocol, port, time.time()),
+                )
+            self.db.execute("DROP TABLE net_policies")
+
+    def add_rule(
+        self,
+        target: str,
+        source: str,
+        ports: str = "",
+        *,
+        description: str = "",
+        origin: str = "user",
+    ) -> PolicyRule:
+        """Let `source` — a network's name (its instances) or a subnet in CIDR notation — open
+        connections to the instances of network `target`; `ports` limits it (`parse_rule_ports`).
+        The same rule twice is a NetworkConflict. A source network that does not exist is refused
+        (a label-declared rule, origin 'label', may name one made later: it waits for it)."""
+        protocol, port, port_end = parse_rule_ports(ports)
+        if origin not in ("user", "label"):
+            raise InvalidNetworkRequest(f"origin {origin!r}: user or label")
+        if len(description) > 200 or any(c in description for c in "\n\r\0"):
+            raise InvalidNetworkRequest("a rule's description is one line of at most 200 characters")
+        with self._lock:
+            dst = self.get_network(target)
+            subnet = firewall.source_subnet(source)
+            if subnet is not None:
+                source = str(subnet)
+            elif "/" in source:
+                raise InvalidNetworkRequest(f"source {source!r} is not a subnet: give NETWORK or a CIDR")
+            else:
+                _valid_name(source)
+                try:
+                    source = self.get_network(source).name
+                except NetworkNotFound:
+                    if origin != "label":
+                        raise NetworkNotFound(
+                            f"network {source} not found: create it first, or give a subnet (CIDR) as --from"
+                        ) from None
+                if source == dst.name:
+                    raise InvalidNetworkRequest(
+                        f"instances of {dst.name} always reach each other: a rule from a network to itself "
+                        "has no effect"
+                    )
+            rule_id = os.urandom(6).hex()
+            try:
+                with self.db:
+                    self.db.execute(
+                        f"INSERT INTO net_rules ({self._RULE_COLS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (rule_id, dst.name, source, protocol or "", port or 0, port_end or 0, origin,
+                         description, time.time()),
+                    )  # fmt: skip
+            except sqlite3.IntegrityError:
+                same = [r for r in self.rules(dst.name) if (r.source, r.protocol, r.port, r.port_end)
+                        == (source, protocol, port, port_end)]  # fmt: skip
+                raise NetworkConflict(
+                    f"network {dst.name} already has this rule ({same[0].id if same else '?'}): "
+                    "list them with `network policy ls`"
+                ) from None
+            try:
+                self.rebuild_firewall()
+            except BaseException:
+                with self.db:
+                    self.db.execute("DELETE FROM net_rules WHERE id=?", (rule_id,))
+                raise
+            return self.rule(dst.name, rule_id)
+
+    def rules(self, target: str | None = None) -> list[PolicyRule]:
+        """The allow rules (into `target`, or all), oldest first."""
+        sql = f"SELECT {self._RULE_COLS} FROM net_rules"
+        args: list[str] = []
+        if target is not None:
+            sql += " WHERE target=?"
+            args.append(self.get_network(target).name)
+        present = {n.name for n in self.networks()}
+        out = []
+        for rid, tgt, src, proto, port, port_end, origin, desc, created in self.db.execute(
+            sql + " ORDER BY created, id", args
+        ):
+            out.append(
+                PolicyRule(
+                    str(rid), str(tgt), str(src), str(proto) or None, int(port) or None,
+                    int(port_end) or None, str(origin), str(desc), float(created),
+                    firewall.source_subnet(str(src)) is not None or str(src) in present,
+                )
+            )  # fmt: skip
+        return out
+
+    def rule(self, target: str, rule_id: str) -> PolicyRule:
+        """Network `target`'s rule `rule_id` (a unique prefix will do)."""
+        found = [r for r in self.rules(target) if r.id.startswith(rule_id.lower())] if rule_id else []
+        if len(found) != 1:
+            what = "is ambiguous" if found else "not found"
+            raise (InvalidNetworkRequest if found else NetworkNotFound)(
+                f"rule {rule_id!r} of network {target} {what}: list them with `network policy ls {target}`"
+            )
+        return found[0]
+
+    def remove_rule(self, target: str, rule_id: str) -> PolicyRule:
+        """Remove a rule: new connections it let through are dropped again, and so are the
+        established ones (their conntrack entries are deleted)."""
+        with self._lock:
+            found = self.rule(target, rule_id)
+            with self.db:
+                self.db.execute("DELETE FROM net_rules WHERE id=?", (found.id,))
+            self.rebuild_firewall()
+            subnet = firewall.source_subnet(found.source)
+            nets = {n.name: n for n in self.networks()}
+            sources = [subnet] if subnet is not None else (
+                [s.subnet for s in nets[found.source].subnets] if found.source in nets else []
+            )  # fmt: skip
+            firewall.forget_connections(sources, [s.subnet for s in nets[found.target].subnets])
+            return found
+
     def allow(self, source: str, target: str, protocol: str | None = None, port: int | None = None) -> None:
-        """Let instances of `source` open connections to instances of `target` (optionally only
-        protocol/port)."""
+        """`add_rule(target, source, …)` with the protocol and port apart (kept for callers and tests)."""
         if protocol not in (None, "tcp", "udp") or (port is not None and protocol is None):
             raise InvalidNetworkRequest("an allow rule's protocol is tcp or udp, and a port needs a protocol")
-        with self._lock:
-            src, dst = self.get_network(source), self.get_network(target)
-            with self.db:
-                self.db.execute(
-                    "INSERT OR IGNORE INTO net_policies (source, target, protocol, port) VALUES (?,?,?,?)",
-                    (src.name, dst.name, protocol or "", port or 0),
-                )
-            self.rebuild_firewall()
+        ports = "" if protocol is None else (protocol if port is None else f"{port}/{protocol}")
+        try:
+            self.add_rule(target, source, ports)
+        except NetworkConflict:
+            pass
 
     def disallow(
         self, source: str, target: str, protocol: str | None = None, port: int | None = None
     ) -> None:
         with self._lock:
-            with self.db:
-                self.db.execute(
-                    "DELETE FROM net_policies WHERE source=? AND target=? AND protocol=? AND port=?",
-                    (source, target, protocol or "", port or 0),
-                )
-            self.rebuild_firewall()
+            for r in self.rules(target):
+                if (r.source, r.protocol, r.port, r.port_end) == (source, protocol, port, None):
+                    self.remove_rule(target, r.id)
 
     def policies(self) -> list[firewall.AllowRule]:
-        rows = self.db.execute("SELECT source, target, protocol, port FROM net_policies").fetchall()
-        return [firewall.AllowRule(str(s), str(t), str(p) or None, int(n) or None) for s, t, p, n in rows]
+        """The rules the firewall enforces now (those whose source exists)."""
+        return [r.allow_rule() for r in self.rules() if r.active]
 
     # --- endpoints --------------------------------------------------------------------------
     _EP_COLS = "owner, network, kind, host_ifname, ifname, netns, mac, addresses, name, aliases, ports"
@@ -501,6 +675,20 @@ class NetworkStack:
                 raise InvalidNetworkRequest(
                     f"network {net.name} is internal: it cannot publish ports; use another network for -p"
                 )
+            for m in mappings:
+                if m.host_ip is None or m.host_ip.version == 4:
+                    continue
+                if m.host_ip.is_loopback:
+                    raise InvalidNetworkRequest(
+                        f"cannot publish {m} on [::1]: IPv6 has no route_localnet, so the kernel does not "
+                        "route loopback traffic into a network (cocon runs no userland proxy); publish on "
+                        "127.0.0.1, or on an IPv6 address of the host"
+                    )
+                if not any(s.subnet.version == 6 for s in net.subnets):
+                    raise InvalidNetworkRequest(
+                        f"cannot publish {m} on an IPv6 address: network {net.name} has no IPv6 subnet; "
+                        "create the network with --ipv6 --subnet (e.g. fd00:1::/64)"
+                    )
             self._check_ports(mappings)
             requested = {4: ip, 6: ip6}
             for version, text in requested.items():
@@ -609,6 +797,15 @@ class NetworkStack:
                 self.rebuild_firewall()
                 self._refresh_dns()
             return gone
+
+    def rename(self, owner: str, name: str | None) -> list[Endpoint]:
+        """`owner`'s DNS name on every network is now `name` (its aliases stay)."""
+        with self._lock:
+            with self.db:
+                cur = self.db.execute("UPDATE net_endpoints SET name=? WHERE owner=?", (name, owner))
+            if cur.rowcount:
+                self._refresh_dns()
+            return self.endpoints(owner=owner)
 
     # --- firewall, DNS, life cycle ----------------------------------------------------------
     def declaration(self) -> firewall.Declaration:

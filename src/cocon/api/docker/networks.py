@@ -5,7 +5,12 @@ cocon.engine.networks'; the networks themselves (bridge, addresses, firewall, DN
 NetworkStack (cocon.engine.netattach), which a user network is made in at create. Inspect shows the
 stack's IPAM config and the running containers' addresses. Connect/disconnect attach and detach a
 running container at once, and change what a created or stopped one gets at its next start.
-Endpoint settings cocon has no use for (links, MAC addresses, driver options) are refused with 400."""
+Endpoint settings cocon has no use for (links, MAC addresses, driver options) are refused with 400.
+
+cocon's own routes for network policy (allow rules into a network) live here too, under
+`/cocon/v1/networks/{id}/policy[/{rule}]`, with their part of the native OpenAPI document
+(`OPENAPI_PATHS`, merged by cocon.api.docker.native); a network's `cocon.policy.allow-from` label
+declares rules at create, and inspect shows them in a `Firewall` object (docs/network.md)."""
 
 from __future__ import annotations
 
@@ -109,6 +114,7 @@ def _doc(engine: Engine, net: Network) -> dict[str, Any]:
         entry["MacAddress"] = ep.mac
         entry["IPv4Address"] = next((str(a) for a in ep.addresses if a.version == 4), "")
         entry["IPv6Address"] = next((str(a) for a in ep.addresses if a.version == 6), "")
+    doc["Firewall"] = netattach.firewall_doc(engine, net.name)
     if net.name == "bridge":
         doc["Options"] = {"com.docker.network.bridge.default_bridge": "true",
                           "com.docker.network.bridge.name": live.bridge}  # fmt: skip
@@ -244,6 +250,7 @@ def network_create(engine: Engine, raw: Any) -> dict[str, Any]:
     if driver != "bridge":
         raise bad_request(f"network driver {driver!r} is not supported: cocon makes bridge networks")
     netattach.spec_from_record(name, "", bool(body.get("Internal")), ipam, options)  # validated first
+    declared = netattach.label_rules(labels)  # cocon.policy.allow-from: checked before anything is made
     net = engine.networks.create(
         name,
         driver=driver,
@@ -256,7 +263,10 @@ def network_create(engine: Engine, raw: Any) -> dict[str, Any]:
     )
     try:
         netattach.ensure_network(engine, net.name)
+        for source, ports in declared:
+            netattach.policy_add(engine, net.name, source, ports, f"label {netattach.POLICY_LABEL}", "label")
     except BaseException:
+        netattach.remove_network(engine, net.name)
         engine.networks.remove(net.id)
         raise
     engine.emit("network", "create", net.id, name=net.name, type=net.driver)
@@ -389,7 +399,165 @@ async def disconnect_network(request: web.Request) -> web.StreamResponse:
     return no_content(200)
 
 
+# --- cocon's own: network policy (allow rules), under /cocon/v1 -----------------------------------------
+
+
+async def list_policy(request: web.Request) -> web.StreamResponse:
+    from cocon.engine import netattach
+
+    return json_response(await ctx_of(request).call(netattach.policy_list, request.match_info["id"]))
+
+
+def policy_add(engine: Engine, ref: str, raw: Any) -> dict[str, Any]:
+    """`POST /cocon/v1/networks/{id}/policy` {From, Ports, Description} → the rule."""
+    from cocon.engine import netattach
+
+    body = check_fields(raw, {"From": str, "Ports": str, "Description": str}, what="network policy")
+    source = body.get("From") or ""
+    if not source:
+        raise bad_request("network policy: From is required (a network's name or ID, or a subnet as CIDR)")
+    rule = netattach.policy_add(engine, ref, source, body.get("Ports") or "", body.get("Description") or "")
+    net = engine.networks.get(ref)
+    engine.emit("network", "policy-add", net.id, name=net.name, type=net.driver, rule=rule["Id"])
+    return rule
+
+
+async def add_policy(request: web.Request) -> web.StreamResponse:
+    raw = await json_body(request, required=True)
+    return json_response(await ctx_of(request).call(policy_add, request.match_info["id"], raw), 201)
+
+
+def policy_remove(engine: Engine, ref: str, rule_id: str) -> dict[str, Any]:
+    from cocon.engine import netattach
+
+    rule = netattach.policy_remove(engine, ref, rule_id)
+    net = engine.networks.get(ref)
+    engine.emit("network", "policy-rm", net.id, name=net.name, type=net.driver, rule=rule["Id"])
+    return rule
+
+
+async def remove_policy(request: web.Request) -> web.StreamResponse:
+    m = request.match_info
+    return json_response(await ctx_of(request).call(policy_remove, m["id"], m["rule"]))
+
+
+_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["Id", "Network", "From", "Ports", "Origin", "Active"],
+    "properties": {
+        "Id": {"type": "string", "description": "12 hex digits (a unique prefix names it too)"},
+        "Network": {"type": "string", "description": "the network the rule lets traffic into"},
+        "From": {"type": "string", "description": "a network's name, or a subnet (CIDR)"},
+        "Ports": {"type": "string", "description": "PORT[-END]/PROTO, tcp, udp or all"},
+        "Protocol": {"type": "string", "enum": ["tcp", "udp", "all"]},
+        "Port": {"type": "integer"},
+        "PortEnd": {"type": "integer"},
+        "Origin": {"type": "string", "enum": ["user", "label"]},
+        "Description": {"type": "string"},
+        "Active": {"type": "boolean", "description": "false while the From network does not exist"},
+        "Created": {"type": "string"},
+    },
+}
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_NETWORK_PARAM = {
+    "name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+    "description": "a user-defined network's name, ID or unique ID prefix",
+}  # fmt: skip
+
+OPENAPI_SCHEMAS: dict[str, Any] = {"PolicyRule": _RULE_SCHEMA}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/cocon/v1/networks/{id}/policy": {
+        "get": {
+            "operationId": "networkPolicyList",
+            "summary": "The allow rules into a network (its firewall's inbound chain)",
+            "parameters": [_NETWORK_PARAM],
+            "responses": {
+                "200": {
+                    "description": "the rules, oldest first",
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "array", "items": {"$ref": "#/components/schemas/PolicyRule"}}
+                        }
+                    },
+                },
+                "400": _err("a network that takes no rules (bridge, host, none)"),
+                "404": _err("no such network"),
+            },
+        },
+        "post": {
+            "operationId": "networkPolicyAdd",
+            "summary": "Let another network (or a subnet) open connections to this network's instances",
+            "parameters": [_NETWORK_PARAM],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["From"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "From": {"type": "string", "description": "a network (name or ID) or a CIDR"},
+                                "Ports": {
+                                    "type": "string",
+                                    "description": "PORT[-END][/tcp|udp], tcp, udp; empty: everything",
+                                },
+                                "Description": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "201": {
+                    "description": "the rule, in force",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PolicyRule"}}},
+                },
+                "400": _err("bad source, ports or body"),
+                "404": _err("no such network (target or source)"),
+                "409": _err("the network has this rule already"),
+            },
+        },
+    },
+    "/cocon/v1/networks/{id}/policy/{rule}": {
+        "delete": {
+            "operationId": "networkPolicyRemove",
+            "summary": "Remove an allow rule: its traffic is blocked again",
+            "parameters": [
+                _NETWORK_PARAM,
+                {
+                    "name": "rule",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "the rule's ID or a unique prefix",
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "the rule removed",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PolicyRule"}}},
+                },
+                "400": _err("a network that takes no rules, or an ambiguous prefix"),
+                "404": _err("no such network or rule"),
+            },
+        }
+    },
+}
+
+
 def register(app: web.Application) -> None:
+    app.router.add_get("/cocon/v1/networks/{id}/policy", list_policy, allow_head=False)
+    app.router.add_post("/cocon/v1/networks/{id}/policy", add_policy)
+    app.router.add_delete("/cocon/v1/networks/{id}/policy/{rule}", remove_policy)
     add_route(app, "GET", "/networks", list_networks)
     add_route(app, "POST", "/networks/create", create_network)
     add_route(app, "POST", "/networks/prune", prune_networks)
