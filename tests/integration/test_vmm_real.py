@@ -7,6 +7,7 @@ every QEMU this file starts has that root or the test's tmp_path in its command 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,10 +20,18 @@ from collections.abc import Iterator
 import pytest
 import zstandard
 
-from cocon.vmm.assets import Assets, Recipe, assets_status, ensure_assets, prune_assets, resolve_inputs
+from cocon.vmm.assets import (
+    Assets,
+    Recipe,
+    _default_source,
+    assets_status,
+    ensure_assets,
+    prune_assets,
+    resolve_inputs,
+)
 from cocon.vmm.errors import AssetError, QemuError
 from cocon.vmm.kvm import CACHE_FILE, probe_kvm
-from cocon.vmm.qemu import MachineConfig, Qemu
+from cocon.vmm.qemu import Disk, MachineConfig, Qemu, Share
 
 READY = "cocon-guest: ready"
 
@@ -61,10 +70,19 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def assets(root: str) -> Assets:
+def recipe(root: str) -> Recipe:
+    """cocon's recipe with a snapshot of the guest sources: the tree may be edited while this runs."""
+    source = os.path.join(root, "src", "cocon")
+    shutil.copytree(_default_source(), source, ignore=shutil.ignore_patterns("__pycache__"))
+    return Recipe(guest_source=source)
+
+
+@pytest.fixture(scope="module")
+def assets(root: str, recipe: Recipe) -> Assets:
     events: list[tuple[str, int, int]] = []
-    built = ensure_assets(root, progress=lambda *e: events.append(e))
+    built = ensure_assets(root, progress=lambda *e: events.append(e), recipe=recipe)
     assert events[0][0] == "resolve" and events[-1] == ("commit", 1, 1)
+    assert ("utility", 4, 4) in events
     return built
 
 
@@ -100,54 +118,81 @@ def _initrd_names(path: str) -> set[str]:
 # --- assets -------------------------------------------------------------------------------------------
 
 
-def test_assets_are_built_once_and_reused(root: str, assets: Assets) -> None:
+def test_assets_are_built_once_and_reused(root: str, recipe: Recipe, assets: Assets) -> None:
     assert os.path.dirname(assets.directory) == os.path.join(root, "assets")
     assert os.path.basename(assets.directory) == assets.digest
-    assert assets.version.endswith("-cloud-amd64")
-    assert any(p.startswith("linux-image-") and p.endswith("-cloud-amd64") for p in assets.packages)
-    assert "busybox-static" in assets.packages
+    assert assets.version.endswith("-amd64") and "cloud" not in assets.version
+    assert any(p.startswith("linux-image-") and p.endswith("-amd64") for p in assets.packages)
+    assert {"busybox-static", "python3-minimal", "libpython3.11-stdlib", "libc6"} <= set(assets.packages)
+    assert assets.utility == os.path.join(assets.directory, "guest.erofs")
+    # QEMU boots the uncompressed kernel (PVH entry); the bzImage stays beside it
+    assert assets.kernel == os.path.join(assets.directory, "vmlinux")
+    with open(assets.kernel, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+    assert os.path.isfile(os.path.join(assets.directory, "vmlinuz"))
+    with open(assets.utility, "rb") as f:
+        f.seek(1024)
+        assert f.read(4) == bytes.fromhex("e2e1f5e0"), "an erofs superblock"
     names = _initrd_names(assets.initrd)
     assert {"init", "bin/busybox", "bin/sh", "dev/console", "etc/cocon/modules"} <= names
     mods = f"lib/modules/{assets.version}"
-    for module in ("virtio_mmio.ko", "virtio_pci.ko", "virtio_blk.ko", "virtio_console.ko", "virtio_net.ko"):
+    for module in (
+        "virtio_mmio.ko",
+        "virtio_pci.ko",
+        "virtio_blk.ko",
+        "virtio_console.ko",
+        "virtio_net.ko",
+        "crc32c_generic.ko",
+        "erofs.ko",
+        "9pnet_virtio.ko",
+        "9p.ko",
+    ):
         assert any(n.startswith(mods) and n.endswith("/" + module) for n in names), module
     assert f"{mods}/modules.dep" in names
     kernel_inode = os.stat(assets.kernel).st_ino
 
     events: list[tuple[str, int, int]] = []
     started = time.monotonic()
-    again = ensure_assets(root, progress=lambda *e: events.append(e))
+    again = ensure_assets(root, progress=lambda *e: events.append(e), recipe=recipe)
     assert again == assets
     assert events == [], "nothing is built when the assets are there"
     assert os.stat(again.kernel).st_ino == kernel_inode
     assert time.monotonic() - started < 1.0
-    status = assets_status(root)
+    status = assets_status(root, recipe)
     assert (status.state, status.digest) == ("ready", assets.digest)
     assert os.listdir(os.path.join(root, "assets", "tmp")) == []
 
 
-def test_a_changed_input_changes_the_digest(root: str, assets: Assets, tmp_path: str) -> None:
+def test_a_changed_input_changes_the_digest(root: str, recipe: Recipe, assets: Assets, tmp_path: str) -> None:
     init = os.path.join(tmp_path, "init")
     shutil.copyfile(Recipe().init_path(), init)
     with open(init, "a") as f:
         f.write("# changed\n")
-    changed = Recipe(init_script=init)
-    assert resolve_inputs(changed).digest != assets.digest
-    assert resolve_inputs(Recipe(modules=("virtio_blk",))).digest != assets.digest
+    changed = dataclasses.replace(recipe, init_script=init)
+    cache = os.path.join(root, "assets")
+    assert resolve_inputs(changed, cache_dir=cache).digest != assets.digest
+    assert resolve_inputs(dataclasses.replace(recipe, modules=("virtio_blk",))).digest != assets.digest
+    # an edited guest source (the agent, the runtime) gives new assets too
+    source = os.path.join(tmp_path, "cocon")
+    shutil.copytree(recipe.source_path(), source)
+    assert resolve_inputs(Recipe(guest_source=source), cache_dir=cache).digest == assets.digest
+    with open(os.path.join(source, "vmm", "errors.py"), "a") as f:
+        f.write("# edited\n")
+    assert resolve_inputs(Recipe(guest_source=source), cache_dir=cache).digest != assets.digest
     assert assets_status(root, changed).state == "missing"
 
     rebuilt = ensure_assets(root, recipe=changed)
-    assert rebuilt.digest == resolve_inputs(changed).digest != assets.digest
+    assert rebuilt.digest == resolve_inputs(changed, cache_dir=cache).digest != assets.digest
     assert rebuilt.version == assets.version
     assert os.path.isdir(assets.directory), "the previous build stays until pruned"
-    assert {assets.digest, rebuilt.digest} <= set(assets_status(root).built)
+    assert {assets.digest, rebuilt.digest} <= set(assets_status(root, recipe).built)
     assert prune_assets(root, keep=[assets.digest]) == [rebuilt.digest]
     assert not os.path.exists(rebuilt.directory)
-    assert assets_status(root).built == [assets.digest]
+    assert assets_status(root, recipe).built == [assets.digest]
 
 
-def test_an_unknown_package_is_a_clear_error(root: str, assets: Assets) -> None:
-    bogus = Recipe(kernel_package="linux-image-no-such-flavour")
+def test_an_unknown_package_is_a_clear_error(root: str, recipe: Recipe, assets: Assets) -> None:
+    bogus = dataclasses.replace(recipe, kernel_package="linux-image-no-such-flavour")
     with pytest.raises(AssetError, match="cannot look up the Debian package linux-image-no-such-flavour"):
         ensure_assets(root, recipe=bogus)
     status = assets_status(root, bogus)
@@ -155,27 +200,39 @@ def test_an_unknown_package_is_a_clear_error(root: str, assets: Assets) -> None:
     assert status.assets == assets, "what is built is still reported"
 
 
-def test_a_corrupted_asset_is_detected_and_rebuilt(root: str, assets: Assets) -> None:
-    with open(assets.initrd, "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    status = assets_status(root)
-    assert status.state == "corrupt" and "does not match" in (status.error or "")
+def test_a_corrupted_asset_is_detected_and_rebuilt(root: str, recipe: Recipe, assets: Assets) -> None:
+    assert assets.utility is not None
+    for path, offset in ((assets.initrd, 100), (assets.utility, 4096 * 3 + 7)):
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        status = assets_status(root, recipe)
+        assert status.state == "corrupt" and "does not match" in (status.error or "")
 
     events: list[tuple[str, int, int]] = []
-    again = ensure_assets(root, progress=lambda *e: events.append(e))
+    again = ensure_assets(root, progress=lambda *e: events.append(e), recipe=recipe)
     assert again.digest == assets.digest
-    assert ("initramfs", 1, 1) in events
+    assert ("initramfs", 1, 1) in events and ("utility", 4, 4) in events
     with open(again.directory + "/manifest.json") as f:
         manifest = json.load(f)
-    with open(again.initrd, "rb") as f:
-        assert hashlib.sha256(f.read()).hexdigest() == manifest["files"]["initrd.img"]
-    assert assets_status(root).state == "ready"
+    for name, built in (("initrd.img", again.initrd), ("guest.erofs", again.utility)):
+        assert built is not None
+        with open(built, "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == manifest["files"][name]
+    assert assets_status(root, recipe).state == "ready"
 
 
-def test_two_builders_do_not_race(root: str, assets: Assets, tmp_path: str) -> None:
+def test_a_missing_utility_image_is_rebuilt(root: str, recipe: Recipe, assets: Assets) -> None:
+    assert assets.utility is not None
+    os.unlink(assets.utility)
+    assert assets_status(root, recipe).state == "corrupt"
+    again = ensure_assets(root, recipe=recipe)
+    assert again == assets and os.path.isfile(assets.utility)
+
+
+def test_two_builders_do_not_race(root: str, recipe: Recipe, assets: Assets, tmp_path: str) -> None:
     fresh = os.path.join(tmp_path, "root")
     shutil.copytree(os.path.join(root, "assets", "debs"), os.path.join(fresh, "assets", "debs"))
     events: list[tuple[str, int, int]] = []
@@ -184,7 +241,7 @@ def test_two_builders_do_not_race(root: str, assets: Assets, tmp_path: str) -> N
 
     def build() -> None:
         try:
-            results.append(ensure_assets(fresh, progress=lambda *e: events.append(e)))
+            results.append(ensure_assets(fresh, progress=lambda *e: events.append(e), recipe=recipe))
         except BaseException as exc:
             errors.append(exc)
 
@@ -215,6 +272,35 @@ def test_the_guest_boots_under_tcg_and_powers_off(assets: Assets, tmp_path: str)
     assert "cocon-guest: error" not in vm.console()
     assert vm.pid is not None and not os.path.exists(f"/proc/{vm.pid}")
     print(f"TCG boot to the ready marker and power-off: {seconds:.2f} s")
+
+
+def test_the_utility_image_runs_python_with_9p_available(assets: Assets, tmp_path: str) -> None:
+    # One boot with every new device: the utility disk, a 9p share and the agent channel.
+    share = os.path.join(tmp_path, "share")
+    os.mkdir(share)
+    assert assets.utility is not None
+    config = MachineConfig(
+        assets.kernel,
+        assets.initrd,
+        cmdline="cocon.agent=selftest",
+        disks=(Disk(assets.utility),),
+        shares=(Share(share, "share0"),),
+        agent_socket=os.path.join(tmp_path, "agent.sock"),
+    )
+    with Qemu(config, os.path.join(tmp_path, "vm")) as vm:
+        started = time.monotonic()
+        vm.start()
+        console = vm.wait_for_console("cocon-guest: python ok", timeout=60)
+        seconds = time.monotonic() - started
+        assert os.path.exists(os.path.join(tmp_path, "agent.sock")), "QEMU listens for the agent"
+        assert vm.wait(timeout=30) == 0
+        console = vm.console()
+    assert "cocon-guest: python ok 3.11." in console
+    assert "cocon-guest: 9p available" in console
+    assert "cocon-guest: error" not in console and READY not in console
+    timing = [line for line in console.splitlines() if "imported in" in line]
+    assert timing, "the self test says how long python took"
+    print(f"TCG boot to the python self test: {seconds:.2f} s; {timing[0]}")
 
 
 def test_q35_boots_the_same_assets(assets: Assets, tmp_path: str) -> None:

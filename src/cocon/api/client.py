@@ -319,10 +319,43 @@ class Client:
         """`POST /networks/{id}/disconnect`."""
         raise NotImplementedError
 
+    def network_policy_list(self, name: str) -> list[dict[str, Any]]:
+        """`GET /cocon/v1/networks/{id}/policy`: the allow rules into a network."""
+        raise NotImplementedError
+
+    def network_policy_add(
+        self, name: str, source: str, ports: str = "", description: str = ""
+    ) -> dict[str, Any]:
+        """`POST /cocon/v1/networks/{id}/policy` {From, Ports, Description}: the new rule."""
+        raise NotImplementedError
+
+    def network_policy_remove(self, name: str, rule: str) -> dict[str, Any]:
+        """`DELETE /cocon/v1/networks/{id}/policy/{rule}`: the rule removed."""
+        raise NotImplementedError
+
     # --- system ------------------------------------------------------------------------------------
     def system_reset(self) -> dict[str, Any]:
         """`POST /cocon/v1/system/reset`: remove every container, network, volume and image;
         {"ContainersDeleted", "NetworksDeleted", "VolumesDeleted", "ImagesDeleted"}."""
+        raise NotImplementedError
+
+    def system_assets(self) -> dict[str, Any]:
+        """`GET /cocon/v1/system/assets`: the microVM guest assets (State ready|missing|corrupt|unknown,
+        Message, Digest, KernelRelease, Kernel/Initrd/Utility {Path, Size}, Packages, Directory,
+        Accelerator {Accel kvm|tcg, Reason, Probed}); builds nothing."""
+        raise NotImplementedError
+
+    def system_assets_build(
+        self, *, rebuild: bool = False, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """`POST /cocon/v1/system/assets?rebuild=`: build the guest assets (when missing, stale or
+        corrupt; always with `rebuild`), `progress(stage, done, total)` over cocon.vmm.assets.STAGES;
+        the status afterwards (as `system_assets`)."""
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        """`GET /info`: Docker's info document, with cocon's own fields under "Cocon" (isolation
+        levels, the microVM accelerator and guest kernel under "MicroVM")."""
         raise NotImplementedError
 
     # --- events ------------------------------------------------------------------------------------

@@ -329,6 +329,22 @@ class HTTPClient(ContainerRequests):
         result: dict[str, Any] = self.call("POST", "/cocon/v1/system/reset")
         return result
 
+    def system_assets(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", "/cocon/v1/system/assets")
+        return result
+
+    def system_assets_build(
+        self, *, rebuild: bool = False, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        resp = self.request("POST", "/cocon/v1/system/assets", [("rebuild", "1" if rebuild else "0")])
+        found: dict[str, Any] = {}
+        self._stream(
+            resp, progress, lambda m: found.update(m["aux"]) if isinstance(m.get("aux"), dict) else None
+        )
+        if "State" not in found:
+            raise APIError("the cocon daemon ended the build without saying how the assets are", 500)
+        return found
+
     def system_df(self) -> dict[str, Any]:
         result: dict[str, Any] = self.call("GET", API_PREFIX + "/system/df")
         return result
@@ -598,6 +614,22 @@ class HTTPClient(ContainerRequests):
     def network_disconnect(self, name: str, container: str, *, force: bool = False) -> None:
         doc = {"Container": container, "Force": force}
         self.call("POST", f"{API_PREFIX}/networks/{quote(name)}/disconnect", doc=doc)
+
+    def network_policy_list(self, name: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("GET", f"/cocon/v1/networks/{quote(name)}/policy")
+        return result
+
+    def network_policy_add(
+        self, name: str, source: str, ports: str = "", description: str = ""
+    ) -> dict[str, Any]:
+        doc = {"From": source, "Ports": ports, "Description": description}
+        result: dict[str, Any] = self.call("POST", f"/cocon/v1/networks/{quote(name)}/policy", doc=doc)
+        return result
+
+    def network_policy_remove(self, name: str, rule: str) -> dict[str, Any]:
+        path = f"/cocon/v1/networks/{quote(name)}/policy/{quote(rule)}"
+        result: dict[str, Any] = self.call("DELETE", path)
+        return result
 
 
 def familiar(name: str) -> str:

@@ -422,11 +422,54 @@ class LocalClient(Client):
 
         self._networks(networks.network_disconnect, name, {"Container": container, "Force": force})
 
+    def network_policy_list(self, name: str) -> list[dict[str, Any]]:
+        from cocon.engine import netattach
+
+        result: list[dict[str, Any]] = self._networks(netattach.policy_list, name)
+        return result
+
+    def network_policy_add(
+        self, name: str, source: str, ports: str = "", description: str = ""
+    ) -> dict[str, Any]:
+        from cocon.api.docker import networks
+
+        doc = {"From": source, "Ports": ports, "Description": description}
+        result: dict[str, Any] = self._networks(networks.policy_add, name, doc)
+        return result
+
+    def network_policy_remove(self, name: str, rule: str) -> dict[str, Any]:
+        from cocon.api.docker import networks
+
+        result: dict[str, Any] = self._networks(networks.policy_remove, name, rule)
+        return result
+
     def system_reset(self) -> dict[str, Any]:
         from cocon.engine.system import reset
 
         with _errors:
             return reset(self.engine)
+
+    def system_assets(self) -> dict[str, Any]:
+        from cocon.engine.system import assets_info
+
+        with _errors:
+            return assets_info(self.engine)
+
+    def system_assets_build(
+        self, *, rebuild: bool = False, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        from cocon.engine.system import assets_build
+
+        with _errors:
+            return assets_build(self.engine, rebuild=rebuild, progress=progress)
+
+    def info(self) -> dict[str, Any]:
+        import time
+
+        from cocon.api.docker.system import info_doc
+
+        with _errors:
+            return info_doc(self.engine, time.time())
 
     def events(
         self,

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.register(sub)
     events.register(sub)
     system.register(sub)
+    system.register_info(sub)
     return parser
 
 

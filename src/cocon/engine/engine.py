@@ -144,9 +144,15 @@ class Engine:
 
     def driver(self, isolation: str) -> Driver:
         if isolation not in self._drivers:
+            if isolation == "microvm":
+                from cocon.isolation.microvm import MicrovmDriver
+
+                self._drivers[isolation] = MicrovmDriver(os.path.join(self.run_dir, "vm"))
+                return self._drivers[isolation]
             if isolation != "container":
                 raise InvalidRequest(
-                    f"isolation {isolation!r} is not available yet: use --isolation container (alias process)"
+                    f"isolation {isolation!r} is not available yet: use --isolation container (alias "
+                    "process) or microvm (alias hyperv)"
                 )
             from cocon.isolation.container import ContainerDriver
 

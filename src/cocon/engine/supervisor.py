@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 LOG_NAME = "container.log"
 DEFAULT_STOP_TIMEOUT = 10
 SYNC_TIMEOUT = 30.0
+VM_SYNC_TIMEOUT = 180.0
 
 
 def find_conmon() -> str:
@@ -69,13 +70,14 @@ def find_conmon() -> str:
     return path
 
 
-def find_runtime() -> str:
+def find_runtime(command: str = "cocon-runtime") -> str:
+    """`cocon-runtime` (containers) or `cocon-microvm-runtime` (microVMs), next to python or on $PATH."""
     import shutil
 
-    here = os.path.join(os.path.dirname(sys.executable), "cocon-runtime")
-    path = here if os.access(here, os.X_OK) else shutil.which("cocon-runtime")
+    here = os.path.join(os.path.dirname(sys.executable), command)
+    path = here if os.access(here, os.X_OK) else shutil.which(command)
     if not path:
-        raise EngineError("cocon-runtime is not found next to python nor on $PATH: run scripts/setup.sh")
+        raise EngineError(f"{command} is not found next to python nor on $PATH: run scripts/setup.sh")
     return path
 
 
@@ -408,15 +410,18 @@ class Supervisor:
         """conmon → `cocon-runtime create`; returns (the container's pid, conmon's pid)."""
         max_size, max_file = log_limits(rec)
         argv = self.conmon_argv(
-            rec.id, rec.name, bundle, terminal=terminal, stdin=stdin,
+            rec.id, rec.name, bundle, terminal=terminal, stdin=stdin, isolation=rec.isolation,
             stdin_once=bool(rec.config["Create"].get("StdinOnce")),
             log_size_max=max_size if max_size and max_file <= 1 else 0,
         )  # fmt: skip
-        return conmon_started(launch_conmon(argv, bundle, self._conmon_env()), bundle)
+        # a microVM's create boots a VM (seconds under TCG), a container's takes milliseconds
+        timeout = SYNC_TIMEOUT if rec.isolation == "container" else VM_SYNC_TIMEOUT
+        return conmon_started(launch_conmon(argv, bundle, self._conmon_env()), bundle, timeout)
 
     def conmon_argv(
         self, cid: str, name: str, bundle: str, *, terminal: bool = False, stdin: bool = False,
         stdin_once: bool = False, log_size_max: int = 0, await_fifo: str | None = None,
+        isolation: str = "container",
     ) -> list[str]:  # fmt: skip
         """conmon's command line for container `cid` (`await_fifo`: a pre-started runtime, see
         cocon.engine.prestart)."""
@@ -424,10 +429,10 @@ class Supervisor:
         pidfile = os.path.join(bundle, "pidfile")
         exits = os.path.dirname(self.exit_file(cid))
         os.makedirs(exits, 0o700, exist_ok=True)
-        runtime_args = ["--root", os.path.join(self.e.run_dir, "runtime")]
+        runtime, runtime_args = self._runtime_for(isolation)
         if await_fifo is not None:
             runtime_args += ["--await", await_fifo]
-        args = [find_conmon(), "--api-version", "1", "-c", cid, "-u", cid, "-n", name, "-r", find_runtime()]
+        args = [find_conmon(), "--api-version", "1", "-c", cid, "-u", cid, "-n", name, "-r", runtime]
         for arg in runtime_args:
             args += ["--runtime-arg", arg]
         args += [
@@ -451,6 +456,15 @@ class Supervisor:
             args += ["-i"] if stdin_once else ["-i", "--leave-stdin-open"]
         return args
 
+    def _runtime_for(self, isolation: str) -> tuple[str, list[str]]:
+        """The runc-compatible runtime conmon and exec run for an isolation level, and its global
+        arguments: `cocon-runtime` for containers, the driver's own command (microVMs) otherwise."""
+        driver = self.e.driver(isolation)
+        command = getattr(driver, "runtime_command", None)
+        if command is None:
+            return find_runtime(), ["--root", os.path.join(self.e.run_dir, "runtime")]
+        return find_runtime(command), list(driver.runtime_args())  # type: ignore[attr-defined]
+
     def _conmon_env(self) -> dict[str, str]:
         import cocon
 
@@ -460,6 +474,8 @@ class Supervisor:
             "COCON_ROOT": self.e.root,
             "COCON_RUN": self.e.run_dir,
             "PYTHONDONTWRITEBYTECODE": "1",
+            # microVM shims: where the guest assets are (a cache several roots may share)
+            **{k: v for k, v in os.environ.items() if k == "COCON_ASSETS_ROOT"},
         }
 
     def _start_failed(self, rec: InstanceRecord, message: str, code: int) -> None:
@@ -783,7 +799,8 @@ class Supervisor:
             raise Conflict(f"container {rec.name} is not running: start it first (cocon start)")
         if not cmd:
             raise InvalidRequest("exec needs a command")
-        args = [find_runtime(), "--root", os.path.join(self.e.run_dir, "runtime"), "exec"]
+        runtime, runtime_args = self._runtime_for(rec.isolation)
+        args = [runtime, *runtime_args, "exec"]
         if tty:
             args.append("-t")
         if workdir:
@@ -881,14 +898,16 @@ class Supervisor:
         self._event(rec, "unpause")
 
     def _runtime_call(self, rec: InstanceRecord, what: str) -> None:
+        from cocon.isolation.base import IsolationError
         from cocon.runtime.errors import RuntimeFailure
 
-        runtime = getattr(self.e.driver(rec.isolation), "runtime", None)
-        if runtime is None:
+        driver = self.e.driver(rec.isolation)
+        runtime = getattr(driver, "runtime", driver)  # a container's runtime, or the driver (microVMs)
+        if not hasattr(runtime, what):
             raise EngineError(f"isolation {rec.isolation} cannot {what} containers")
         try:
             getattr(runtime, what)(rec.id)
-        except RuntimeFailure as exc:
+        except (RuntimeFailure, IsolationError) as exc:
             raise EngineError(f"cannot {what} container {rec.name}: {exc}") from None
 
     def rename(self, ref: str, new_name: str) -> None:
@@ -1064,14 +1083,14 @@ def launch_conmon(argv: list[str], bundle: str, env: dict[str, str]) -> ConmonLa
     return ConmonLaunch(r)
 
 
-def conmon_started(launch: ConmonLaunch, bundle: str) -> tuple[int, int]:
+def conmon_started(launch: ConmonLaunch, bundle: str, timeout: float = SYNC_TIMEOUT) -> tuple[int, int]:
     """Read conmon's report of `cocon-runtime create`: (the container's pid, conmon's pid);
     StartFailed with the runtime's message otherwise."""
     import select
 
     data = b""
     try:
-        deadline = time.monotonic() + SYNC_TIMEOUT
+        deadline = time.monotonic() + timeout
         while b"\n" not in data and time.monotonic() < deadline:
             ready, _, _ = select.select([launch.sync_fd], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:

@@ -1,14 +1,23 @@
 """A QEMU process driver: command lines for cocon's machines, start, QMP, stop, guaranteed clean-up.
 
 `MachineConfig` describes a VM (kernel, initramfs, command line, machine type, accelerator, memory,
-vCPUs, extra virtio devices); `build_command` turns it into a `qemu-system-x86_64` command line:
+vCPUs, raw disks (`Disk`), 9p shares (`Share`), the agent's virtio-serial channel, extra virtio
+devices); `build_command` turns it into a `qemu-system-x86_64` command line:
 
 - the `microvm` machine (no PCI, no firmware tables beyond ACPI, virtio-mmio devices: devices named
   `virtio-*-device`) by default; `q35` where a feature needs PCI (devices named `virtio-*-pci`);
   `virtio_device(machine, kind)` gives the right name;
 - `-nodefaults -no-user-config -nographic`, `-no-reboot` (a guest reset ends QEMU), no network
   device unless the caller adds one (`-nic none`), the serial console (ttyS0) written to a file;
-- a QMP server on a Unix socket: `-qmp unix:PATH,server=on,wait=off`.
+- a QMP server on a Unix socket: `-qmp unix:PATH,server=on,wait=off`;
+- disks in the order given (the first is the guest's /dev/vda): `-drive if=none,id=diskN,file=PATH,
+  format=raw,readonly=on|off` + `-device virtio-blk-*,drive=diskN`;
+- 9p shares: `-fsdev local,id=fsN,path=DIR,security_model=passthrough,multidevs=remap[,readonly=on]`
+  + `-device virtio-9p-*,fsdev=fsN,mount_tag=TAG` (guest: `mount -t 9p -o trans=virtio TAG DIR`);
+- the agent channel: `-device virtio-serial-*` + `-chardev socket,id=agent,path=SOCK,server=on,
+  wait=off` + `-device virtserialport,chardev=agent,name=org.cocon.agent.0` (guest: the
+  /dev/vportNpM whose /sys/class/virtio-ports/vportNpM/name is that; no udev, so no
+  /dev/virtio-ports/ link).
 
 `Qemu` runs one such process. It is synchronous: QMP goes through `qemu.qmp.QMPClient` (asyncio) on
 a private event loop in a helper thread, and every call takes a timeout, so callers in threads or in
@@ -21,8 +30,11 @@ A QEMU that exits unexpectedly raises `QemuError` with its exit status and the t
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import re
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -33,10 +45,14 @@ from typing import Any, TypeVar
 from cocon.vmm.errors import QemuError
 
 __all__ = [
+    "AGENT_PORT",
     "QEMU_BINARY",
+    "Disk",
     "MachineConfig",
     "Qemu",
+    "Share",
     "build_command",
+    "host_tsc_khz",
     "virtio_device",
 ]
 
@@ -44,8 +60,15 @@ QEMU_BINARY = "qemu-system-x86_64"
 MACHINES = ("microvm", "q35")
 ACCELERATORS = ("tcg", "kvm")
 #: Kernel command line every guest gets (before `MachineConfig.cmdline`): console on the first
-#: serial port, reboot at once on panic (with -no-reboot: QEMU exits), no slow console output.
-BASE_CMDLINE = "console=ttyS0 panic=-1 quiet"
+#: serial port, reboot at once on panic (with -no-reboot: QEMU exits), no slow console output, no
+#: crypto self tests at boot (crypto_algapi_init waited ~0.2 s for them, crypto_kdf108_init another
+#: 0.2 s under TCG: the guest reaches python ~0.4 s sooner; a FIPS kernel runs them regardless).
+BASE_CMDLINE = "console=ttyS0 panic=-1 quiet cryptomgr.notests"
+#: The name of the agent's virtio-serial port (the guest sees /dev/virtio-ports/<name>).
+AGENT_PORT = "org.cocon.agent.0"
+#: Longest Unix socket path (sun_path holds 108 bytes with the terminating NUL).
+MAX_SOCKET_PATH = 107
+_TAG = re.compile(r"[A-Za-z0-9_.-]{1,31}\Z")
 
 T = TypeVar("T")
 
@@ -53,6 +76,63 @@ T = TypeVar("T")
 def virtio_device(machine: str, kind: str) -> str:
     """The QEMU device name of a virtio `kind` ("blk", "net", "serial", "rng", …) on `machine`."""
     return f"virtio-{kind}-device" if machine == "microvm" else f"virtio-{kind}-pci"
+
+
+@functools.lru_cache(maxsize=1)
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz when the host kernel knows it exactly (flags tsc_known_freq
+    and constant_tsc, no cpufreq scaling: /proc/cpuinfo's "cpu MHz" is then the TSC's); else None.
+
+    Under TCG the guest's TSC is the host's, and a TCG guest on a busy host often fails to
+    calibrate it against the PIT (microvm has no HPET or ACPI PM timer to fall back on): it marks
+    the TSC unstable and then hangs before its console comes up. `tsc_early_khz=` skips that."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+    except OSError:
+        return None
+    flags: set[str] = set()
+    mhz: float | None = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            try:
+                mhz = float(value)
+            except ValueError:
+                return None
+        elif not line.strip() and flags:
+            break  # the first CPU is enough
+    if mhz is None or not {"tsc_known_freq", "constant_tsc"} <= flags:
+        return None
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cpufreq"):
+        return None  # "cpu MHz" is the current clock, not the TSC's
+    return round(mhz * 1000)
+
+
+def _opt(value: str) -> str:
+    """A value for a QEMU -option list: a comma is written twice."""
+    return value.replace(",", ",,")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A raw disk image or block device, given to the guest as a virtio-blk disk."""
+
+    path: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory shared over virtio-9p; the guest mounts it with
+    `mount -t 9p -o trans=virtio,version=9p2000.L TAG DIR`."""
+
+    path: str
+    tag: str  # the mount tag: 1-31 of [A-Za-z0-9_.-]
+    readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +148,13 @@ class MachineConfig:
     cpus: int = 1
     #: The -cpu model; None: "host" under KVM, "max" under TCG.
     cpu: str | None = None
+    #: virtio-blk disks, in order: the first is /dev/vda in the guest (the utility image goes there).
+    disks: tuple[Disk, ...] = ()
+    #: Host directories shared over virtio-9p.
+    shares: tuple[Share, ...] = ()
+    #: Path of the Unix socket QEMU listens on for the agent's virtio-serial port (AGENT_PORT);
+    #: None: no agent channel. Its directory must exist (make it root-only).
+    agent_socket: str | None = None
     #: Further arguments (drives, -device …, -chardev …); use virtio_device() for device names.
     extra_args: tuple[str, ...] = ()
     binary: str = QEMU_BINARY
@@ -84,6 +171,67 @@ class MachineConfig:
         for path in (self.kernel, self.initrd):
             if path is not None and not os.path.isfile(path):
                 raise QemuError(f"{path} does not exist: build the guest assets (cocon.vmm.assets)")
+        for disk in self.disks:
+            try:
+                mode = os.stat(disk.path).st_mode
+            except OSError as exc:
+                raise QemuError(f"the disk {disk.path} cannot be used: {exc.strerror}") from exc
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise QemuError(f"the disk {disk.path} is neither a file nor a block device: give an image")
+        tags: set[str] = set()
+        for share in self.shares:
+            if not os.path.isdir(share.path):
+                raise QemuError(f"the shared directory {share.path} does not exist: create it first")
+            if not _TAG.match(share.tag):
+                raise QemuError(
+                    f"the 9p mount tag {share.tag!r} is not 1-31 letters, digits or '_.-': choose another"
+                )
+            if share.tag in tags:
+                raise QemuError(f"two shares have the mount tag {share.tag!r}: give each its own")
+            tags.add(share.tag)
+        if self.agent_socket is not None:
+            if len(os.fsencode(self.agent_socket)) > MAX_SOCKET_PATH:
+                raise QemuError(
+                    f"the agent socket path {self.agent_socket} is too long for a Unix socket "
+                    f"(over {MAX_SOCKET_PATH} bytes): use a shorter directory"
+                )
+            parent = os.path.dirname(os.path.abspath(self.agent_socket))
+            if not os.path.isdir(parent):
+                raise QemuError(f"the agent socket's directory {parent} does not exist: create it first")
+            if os.path.isdir(self.agent_socket):
+                raise QemuError(f"the agent socket path {self.agent_socket} is a directory: give a file name")
+
+    def device_args(self) -> list[str]:
+        """The -drive/-fsdev/-chardev/-device arguments for the disks, shares and agent channel."""
+        args: list[str] = []
+        for n, disk in enumerate(self.disks):
+            readonly = "on" if disk.readonly else "off"
+            args += [
+                "-drive",
+                f"if=none,id=disk{n},file={_opt(disk.path)},format=raw,readonly={readonly}",
+                "-device",
+                f"{virtio_device(self.machine, 'blk')},drive=disk{n}",
+            ]
+        for n, share in enumerate(self.shares):
+            fsdev = f"local,id=fs{n},path={_opt(share.path)},security_model=passthrough,multidevs=remap"
+            if share.readonly:
+                fsdev += ",readonly=on"
+            args += [
+                "-fsdev",
+                fsdev,
+                "-device",
+                f"{virtio_device(self.machine, '9p')},fsdev=fs{n},mount_tag={share.tag}",
+            ]
+        if self.agent_socket is not None:
+            args += [
+                "-device",
+                f"{virtio_device(self.machine, 'serial')},id=agent-serial",
+                "-chardev",
+                f"socket,id=agent,path={_opt(self.agent_socket)},server=on,wait=off",
+                "-device",
+                f"virtserialport,bus=agent-serial.0,chardev=agent,name={AGENT_PORT}",
+            ]
+        return args
 
 
 def build_command(config: MachineConfig, qmp_socket: str, serial_log: str) -> list[str]:
@@ -93,7 +241,11 @@ def build_command(config: MachineConfig, qmp_socket: str, serial_log: str) -> li
     # power button (system_powerdown) and power-off. No option ROMs. The RTC stays: without it the
     # guest kernel boots ~1.8 s slower under TCG; pit/pic stay: TCG guests need a timer.
     machine = "microvm,x-option-roms=off" if config.machine == "microvm" else "q35"
-    cmdline = f"{BASE_CMDLINE} {config.cmdline}".strip()
+    base = BASE_CMDLINE
+    khz = host_tsc_khz() if config.accel == "tcg" and "tsc_early_khz=" not in config.cmdline else None
+    if khz is not None:
+        base += f" tsc_early_khz={khz}"
+    cmdline = f"{base} {config.cmdline}".strip()
     cmd = [
         config.binary,
         "-M",
@@ -121,7 +273,7 @@ def build_command(config: MachineConfig, qmp_socket: str, serial_log: str) -> li
     ]
     if config.initrd is not None:
         cmd += ["-initrd", config.initrd]
-    cmd += ["-append", cmdline, *config.extra_args]
+    cmd += ["-append", cmdline, *config.device_args(), *config.extra_args]
     return cmd
 
 
@@ -189,7 +341,7 @@ class Qemu:
         On any failure QEMU is killed and QemuError raised (with its exit status and log tail)."""
         if self.process is not None:
             raise QemuError("this QEMU was started already: make a new Qemu object")
-        if len(os.fsencode(self.qmp_socket)) > 107:
+        if len(os.fsencode(self.qmp_socket)) > MAX_SOCKET_PATH:
             raise QemuError(
                 f"the QMP socket path {self.qmp_socket} is too long for a Unix socket: use a shorter workdir"
             )

@@ -183,10 +183,14 @@ def _check_host(host: dict[str, Any], body: dict[str, Any], warnings: list[str])
     isolation = str(out.get("Isolation") or "").lower()
     if isolation in ("", "default", "process", "container"):
         out["Isolation"] = "container"
-    elif isolation in ("hyperv", "microvm", "vm"):
-        raise bad_request(f"isolation {isolation!r} is not available yet: use the default (container)")
+    elif isolation in ("hyperv", "microvm"):
+        out["Isolation"] = "microvm"  # Docker's hyperv: the container inside its own lightweight VM
+    elif isolation == "vm":
+        raise bad_request("isolation 'vm' is not available yet: use container (process) or microvm (hyperv)")
     else:
-        raise bad_request(f"unknown isolation {isolation!r}: use default, process or container")
+        raise bad_request(
+            f"unknown isolation {isolation!r}: use default, process (container) or hyperv (microvm)"
+        )
     network = str(out.get("NetworkMode") or "default")
     if network.startswith("container:"):
         raise bad_request(
@@ -551,7 +555,7 @@ def _list(
         out.append(i)
         eps = live.get(i["Id"], [])
         settings = _network_settings(e, rec, eps, net_ids, version)
-        i.setdefault("Ports", netattach.port_list(eps))
+        i.setdefault("Ports", netattach.port_list(eps, rec.config if i.get("State") == "running" else None))
         i.setdefault("HostConfig", {"NetworkMode": _mode(rec)})
         i.setdefault("NetworkSettings", {"Networks": settings["Networks"]})
         i.setdefault("SizeRw", None)

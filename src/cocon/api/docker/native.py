@@ -6,6 +6,9 @@
 | `POST /cocon/v1/images/bootstrap?image=busybox` | make a base image on this machine, with progress |
 | `GET /cocon/v1/images/save?names=…&format=…` | save as OCI archive too (Docker's `get`: docker-archive) |
 | `POST /cocon/v1/system/reset` | remove every container, network, volume and image (cocon.engine.system) |
+| `GET /cocon/v1/system/assets` | microVM guest assets: state, files, packages, KVM/TCG (engine.system) |
+| `POST /cocon/v1/system/assets?rebuild=1` | build them (if missing/stale; always with rebuild), progress |
+| `GET/POST /cocon/v1/networks/{id}/policy`, `DELETE …/{rule}` | network allow rules (api.docker.networks) |
 | `GET /cocon/v1/openapi.json` | the OpenAPI 3 document of these routes (`OPENAPI` below) |
 
 The OpenAPI document is written by hand next to the handlers and checked by schemathesis against
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from cocon.api.docker import networks
 from cocon.api.docker.common import (
     API_VERSION,
     MIN_API_VERSION,
@@ -26,6 +30,7 @@ from cocon.api.docker.common import (
     ctx_of,
     json_response,
     pump,
+    qbool,
     qlist,
     qstr,
 )
@@ -44,6 +49,7 @@ def _info(engine: Engine, started: float) -> dict[str, Any]:
     import time
 
     from cocon.api.docker.system import VERSION, cgroup_info, isolation_levels
+    from cocon.engine.system import microvm_info
 
     _, mode = cgroup_info()
     return {
@@ -55,6 +61,7 @@ def _info(engine: Engine, started: float) -> dict[str, Any]:
         "Root": engine.root,
         "Run": engine.run_dir,
         "KVM": os.path.exists("/dev/kvm"),
+        "MicroVM": microvm_info(),
         "Uptime": round(time.time() - started, 3),
     }
 
@@ -68,6 +75,35 @@ async def system_reset(request: web.Request) -> web.StreamResponse:
     from cocon.engine.system import reset
 
     return json_response(await ctx_of(request).call(reset))
+
+
+async def system_assets(request: web.Request) -> web.StreamResponse:
+    from cocon.engine.system import assets_info
+
+    return json_response(await ctx_of(request).call(assets_info))
+
+
+async def system_assets_build(request: web.Request) -> web.StreamResponse:
+    """JSON lines: progress per stage of cocon.vmm.assets.STAGES, then {"aux": status} (as GET
+    answers) or an error object."""
+    from cocon.engine.system import assets_build
+
+    rebuild = qbool(request, "rebuild")
+    ctx = ctx_of(request)
+    stream = JSONStream(request, "application/x-ndjson")
+
+    def work(engine: Engine, progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+        return assets_build(engine, rebuild=rebuild, progress=progress)
+
+    try:
+        result = await pump(ctx, stream, work, status="Building")
+    except EngineError as exc:
+        if not stream.started:
+            raise
+        await stream.error(str(exc))
+        return await stream.finish()
+    await stream.send({"aux": result})
+    return await stream.finish()
 
 
 async def bootstrap(request: web.Request) -> web.StreamResponse:
@@ -116,6 +152,8 @@ def register(app: web.Application) -> None:
     app.router.add_post("/cocon/v1/images/bootstrap", bootstrap)
     app.router.add_get("/cocon/v1/images/save", save, allow_head=False)
     app.router.add_post("/cocon/v1/system/reset", system_reset)
+    app.router.add_get("/cocon/v1/system/assets", system_assets, allow_head=False)
+    app.router.add_post("/cocon/v1/system/assets", system_assets_build)
     app.router.add_get("/cocon/v1/openapi.json", openapi, allow_head=False)
 
 
@@ -128,6 +166,100 @@ _ERROR = {
 def _error(description: str) -> dict[str, Any]:
     return {**_ERROR, "description": description}
 
+
+_FILE = {
+    "type": "object",
+    "nullable": True,
+    "required": ["Path", "Size"],
+    "properties": {"Path": {"type": "string"}, "Size": {"type": "integer", "nullable": True}},
+}
+
+#: The guest assets routes (cocon.engine.system.assets_doc).
+ASSETS_PATHS: dict[str, Any] = {
+    "/cocon/v1/system/assets": {
+        "get": {
+            "operationId": "systemAssets",
+            "summary": "The microVM guest assets: state, files, packages, KVM or TCG (builds nothing)",
+            "responses": {
+                "200": {
+                    "description": "the assets' status",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Assets"}}},
+                }
+            },
+        },
+        "post": {
+            "operationId": "systemAssetsBuild",
+            "summary": "Build the microVM guest assets (when missing, stale or corrupt; always with rebuild)",
+            "parameters": [
+                {
+                    "name": "rebuild",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "boolean", "default": False},
+                    "description": "build again even if the current assets verify",
+                }
+            ],
+            "responses": {
+                "200": {
+                    "description": (
+                        "JSON lines: progress messages {status, id (the stage: resolve, download, "
+                        "extract, modules, initramfs, utility, commit), progressDetail{current,total}, "
+                        "progress}, then {aux: Assets}, or {error, errorDetail{message}} if it failed"
+                    ),
+                    "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                },
+                "400": _error("rebuild is not a boolean"),
+            },
+        },
+    },
+}
+
+ASSETS_SCHEMAS: dict[str, Any] = {
+    "Assets": {
+        "type": "object",
+        "required": ["State", "Root", "Directory", "Packages", "BuiltDigests"],
+        "properties": {
+            "State": {"type": "string", "enum": ["ready", "missing", "corrupt", "unknown"]},
+            "Message": {"type": "string", "nullable": True, "description": "what to do, when not ready"},
+            "Error": {"type": "string", "nullable": True},
+            "Root": {"type": "string", "description": "$COCON_ASSETS_ROOT or the engine's root"},
+            "Directory": {"type": "string"},
+            "Digest": {"type": "string", "nullable": True},
+            "KernelRelease": {"type": "string", "nullable": True},
+            "Kernel": _FILE,
+            "Initrd": _FILE,
+            "Utility": _FILE,
+            "Packages": {"type": "object", "additionalProperties": {"type": "string"}},
+            "Built": {"type": "string", "nullable": True},
+            "BuiltDigests": {"type": "array", "items": {"type": "string"}},
+            "Accelerator": {
+                "type": "object",
+                "nullable": True,
+                "properties": {
+                    "Accel": {"type": "string", "enum": ["kvm", "tcg"], "nullable": True},
+                    "Reason": {"type": "string"},
+                    "Probed": {"type": "string", "nullable": True},
+                    "Seconds": {"type": "number", "nullable": True},
+                    "Cpu": {"type": "string", "nullable": True},
+                    "Cached": {"type": "boolean"},
+                },
+            },
+        },
+    },
+    "MicroVM": {
+        "type": "object",
+        "required": ["Assets", "Accelerator"],
+        "properties": {
+            "Assets": {"type": "string", "enum": ["ready", "missing", "corrupt", "unknown"]},
+            "AssetsRoot": {"type": "string", "nullable": True},
+            "KernelRelease": {"type": "string", "nullable": True},
+            "Accelerator": {"type": "string", "enum": ["kvm", "tcg"], "nullable": True},
+            "AcceleratorReason": {"type": "string", "nullable": True},
+            "Probed": {"type": "string", "nullable": True},
+            "Message": {"type": "string", "nullable": True},
+        },
+    },
+}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -251,6 +383,8 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        **networks.OPENAPI_PATHS,  # network policy (cocon.api.docker.networks)
+        **ASSETS_PATHS,  # microVM guest assets
         "/cocon/v1/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -266,6 +400,8 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {
         "schemas": {
+            **networks.OPENAPI_SCHEMAS,
+            **ASSETS_SCHEMAS,
             "Error": {
                 "type": "object",
                 "required": ["message"],
@@ -296,6 +432,7 @@ OPENAPI: dict[str, Any] = {
                     "Root": {"type": "string"},
                     "Run": {"type": "string"},
                     "KVM": {"type": "boolean"},
+                    "MicroVM": {"$ref": "#/components/schemas/MicroVM"},
                     "Uptime": {"type": "number"},
                 },
             },

@@ -235,7 +235,9 @@ def start_attach_warm_up(*, early: bool = False) -> Callable[[], None]:
         writing = _thread.allocate_lock()  # released once the thread is about to block in the kernel
 
         def warm_up() -> None:
-            gone.append(_thread._set_sentinel())  # type: ignore[attr-defined]
+            sentinel = _thread._set_sentinel()  # type: ignore[attr-defined]
+            sentinel.acquire()  # released when this thread is gone (as threading.Thread does)
+            gone.append(sentinel)
             writing.release()
             move()
 

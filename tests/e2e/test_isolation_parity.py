@@ -1,0 +1,239 @@
+"""The same container semantics at two isolation levels: every test runs with `--isolation container`
+and `--isolation microvm` (a real QEMU under TCG here, the guest agent and cocon's runtime inside),
+through the real `cocon` CLI and daemon, with the same busybox image. Then what only a microVM
+gives: its own kernel, a host it cannot see, and a kernel a root process can wreck without the host
+noticing; and `docker run --isolation=hyperv` through the API.
+
+The guest assets are built once for the module (COCON_ASSETS_ROOT: a cache shared by the daemons of one
+host); no QEMU, shim or conmon of the module may be left at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from cli_helpers import COCON
+from daemon_helpers import Daemon, docker, start_daemon, stop_and_clean
+
+LEVELS = ["container", "microvm"]
+
+
+def _processes(marker: str, name: bytes) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and name in argv[0] and any(marker.encode() in a for a in argv):
+            out.append(int(entry))
+    return out
+
+
+def _vm_processes(d: Daemon) -> list[int]:
+    """QEMUs and shims of this daemon (their command lines name its run directory)."""
+    return _processes(d.run, b"qemu-system") + _processes(d.run, b"python")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    base = str(tmp_path_factory.mktemp("parity"))
+    assets = os.path.join(base, "assets-root")
+    d = start_daemon(base, env={"COCON_ASSETS_ROOT": assets})
+    try:
+        yield d
+    finally:
+        code, log = stop_and_clean(d)
+        left = _vm_processes(d)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(assets, ignore_errors=True)
+        assert left == [], f"microVM processes left behind: {left}"
+        assert code == 0 and "Traceback" not in log, log
+
+
+def cocon(
+    d: Daemon, *args: str, input: bytes | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([COCON, *args], env=d.env, input=input, capture_output=True, timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                       proc.stderr.decode(errors="replace"))  # fmt: skip
+
+
+def run(d: Daemon, level: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return cocon(d, "run", "--rm", "--isolation", level, *args, **kw)
+
+
+@pytest.fixture
+def cleanup_containers(daemon: Daemon) -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:
+        cocon(daemon, "rm", "-f", name)
+
+
+# --- the same semantics -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_exit_code_and_separate_streams(daemon: Daemon, level: str) -> None:
+    p = run(daemon, level, "busybox", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert p.returncode == 3, p
+    assert p.stdout == "out\n"
+    assert "err\n" in p.stderr
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_command_not_found_is_127(daemon: Daemon, level: str) -> None:
+    p = run(daemon, level, "busybox", "/no/such/command")
+    assert p.returncode == 127, p
+    assert "/no/such/command" in p.stderr
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_stdin_env_user_and_workdir(daemon: Daemon, level: str) -> None:
+    p = run(daemon, level, "-i", "-e", "GREETING=hello", "-u", "1000:1000", "-w", "/tmp/work", "busybox",
+            "sh", "-c", 'echo "$GREETING $(id -u):$(id -g) $(pwd)"; cat', input=b"from stdin\n")  # fmt: skip
+    assert p.returncode == 0, p
+    assert p.stdout == "hello 1000:1000 /tmp/work\nfrom stdin\n"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_limits_inside(daemon: Daemon, level: str) -> None:
+    # the host may have cgroup v1 (a container sees it); a microVM's guest always has cgroup v2
+    script = (
+        "if [ -d /sys/fs/cgroup/memory ]; then cat /sys/fs/cgroup/memory/memory.limit_in_bytes "
+        "/sys/fs/cgroup/pids/pids.max; else cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max; fi"
+    )
+    p = run(daemon, level, "--memory", "64m", "--pids-limit", "20", "busybox", "sh", "-c", script)
+    assert p.returncode == 0, p
+    assert p.stdout.split() == [str(64 << 20), "20"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_signals_exec_logs_and_stop(daemon: Daemon, level: str, cleanup_containers: list[str]) -> None:
+    name = f"sig-{level}"
+    cleanup_containers.append(name)
+    script = (
+        'trap "echo got-term; exit 7" TERM; echo started; echo to-stderr >&2; while :; do sleep 0.1; done'
+    )
+    p = cocon(daemon, "run", "-d", "--name", name, "--isolation", level, "busybox", "sh", "-c", script)
+    assert p.returncode == 0, p
+    deadline = time.monotonic() + 120
+    while "started" not in cocon(daemon, "logs", name).stdout:
+        assert time.monotonic() < deadline, cocon(daemon, "logs", name)
+        time.sleep(0.2)
+    e = cocon(daemon, "exec", "-e", "X=42", name, "sh", "-c", 'echo "exec $X"; echo exec-err >&2; exit 4')
+    assert e.returncode == 4, e
+    assert e.stdout == "exec 42\n" and "exec-err" in e.stderr
+    missing = cocon(daemon, "exec", name, "/no/such")
+    assert missing.returncode != 0 and "/no/such" in missing.stderr, missing
+    assert cocon(daemon, "kill", "-s", "TERM", name).returncode == 0
+    w = cocon(daemon, "wait", name)
+    assert w.stdout.strip() == "7", w
+    logs = cocon(daemon, "logs", name)
+    assert "started" in logs.stdout and "got-term" in logs.stdout
+    assert "to-stderr" in logs.stderr
+    info = json.loads(cocon(daemon, "inspect", name).stdout)[0]
+    assert info["State"]["ExitCode"] == 7 and info["HostConfig"]["Isolation"] == level
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_stop_kills_what_ignores_sigterm(daemon: Daemon, level: str, cleanup_containers: list[str]) -> None:
+    name = f"stop-{level}"
+    cleanup_containers.append(name)
+    p = cocon(daemon, "run", "-d", "--name", name, "--isolation", level, "busybox", "sh", "-c",
+              "trap '' TERM; echo up; while :; do sleep 0.1; done")  # fmt: skip
+    assert p.returncode == 0, p
+    deadline = time.monotonic() + 120
+    while "up" not in cocon(daemon, "logs", name).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert cocon(daemon, "stop", "-t", "1", name).returncode == 0
+    info = json.loads(cocon(daemon, "inspect", name).stdout)[0]
+    assert info["State"]["Status"] == "exited" and info["State"]["ExitCode"] == 137
+
+
+def test_volume_shared_between_levels(daemon: Daemon) -> None:
+    """A named volume written by a microVM is read by a container, and the other way round."""
+    try:
+        p = run(daemon, "microvm", "-v", "parityvol:/data", "busybox", "sh", "-c",
+                "echo from-vm > /data/a && cat /data/b 2>/dev/null; true")  # fmt: skip
+        assert p.returncode == 0, p
+        p = run(daemon, "container", "-v", "parityvol:/data", "busybox", "sh", "-c",
+                "cat /data/a && echo from-ct > /data/b")  # fmt: skip
+        assert p.stdout == "from-vm\n", p
+        p = run(daemon, "microvm", "-v", "parityvol:/data", "busybox", "cat", "/data/b")
+        assert p.stdout == "from-ct\n", p
+    finally:
+        cocon(daemon, "volume", "rm", "-f", "parityvol")
+
+
+def test_network_between_levels(daemon: Daemon, cleanup_containers: list[str]) -> None:
+    """A container and a microVM on one user network: the microVM reaches the container's server by
+    name (DNS) over the shared bridge, and the other way round."""
+    cleanup_containers.extend(["srv-ct", "srv-vm"])
+    assert cocon(daemon, "network", "create", "paritynet").returncode == 0
+    try:
+        for name, level in (("srv-ct", "container"), ("srv-vm", "microvm")):
+            p = cocon(daemon, "run", "-d", "--name", name, "--network", "paritynet", "--isolation", level,
+                      "busybox", "sh", "-c", f"while :; do echo hello-from-{name} | nc -l -p 8080; done")  # fmt: skip
+            assert p.returncode == 0, p
+        for client, server in (("microvm", "srv-ct"), ("container", "srv-vm")):
+            deadline = time.monotonic() + 120
+            while True:
+                p = run(daemon, client, "--network", "paritynet", "busybox", "sh", "-c",
+                        f"nc -w 5 {server} 8080 </dev/null")  # fmt: skip
+                if f"hello-from-{server}" in p.stdout:
+                    break
+                assert time.monotonic() < deadline, p
+                time.sleep(1)
+    finally:
+        for name in ("srv-ct", "srv-vm"):
+            cocon(daemon, "rm", "-f", name)
+        cocon(daemon, "network", "rm", "paritynet")
+
+
+# --- what only a microVM gives ----------------------------------------------------------------------
+
+
+def test_microvm_has_its_own_kernel_and_sees_nothing_of_the_host(daemon: Daemon) -> None:
+    p = run(daemon, "microvm", "busybox", "sh", "-c", "uname -r; cat /proc/1/cmdline | tr '\\0' ' '; echo; "
+            "ls /proc | grep -c '^[0-9]'; cat /proc/mounts")  # fmt: skip
+    assert p.returncode == 0, p
+    lines = p.stdout.splitlines()
+    assert lines[0] != os.uname().release  # the guest kernel
+    assert lines[0].endswith("-amd64")
+    assert int(lines[2]) < 10  # only the container's own processes, not the host's hundreds
+    assert daemon.root not in p.stdout and "/run/cocon" not in p.stdout.split("\n", 3)[-1].split(" ")[0]
+    c = run(daemon, "container", "busybox", "uname", "-r")
+    assert c.stdout.strip() == os.uname().release
+
+
+def test_exhausting_memory_stays_in_the_guest(daemon: Daemon) -> None:
+    """A process that eats all the memory it may: the guest's OOM killer ends it (137); the host and
+    a container running next to it carry on."""
+    p = run(daemon, "microvm", "--memory", "64m", "busybox", "sh", "-c",
+            "x=a; while :; do x=$x$x$x$x; done")  # fmt: skip
+    assert p.returncode == 137, p
+    assert run(daemon, "container", "busybox", "true").returncode == 0
+
+
+def test_docker_run_isolation_hyperv_starts_a_microvm(daemon: Daemon) -> None:
+    p = docker(daemon, "run", "--rm", "--isolation=hyperv", "busybox", "uname", "-r", check=False)
+    assert p.returncode == 0, p
+    assert p.stdout.strip() != os.uname().release and p.stdout.strip().endswith("-amd64")
