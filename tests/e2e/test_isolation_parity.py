@@ -50,20 +50,29 @@ def _vm_processes(d: Daemon) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def assets_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = str(tmp_path_factory.mktemp("assets-root"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _stop_and_check(d: Daemon) -> None:
+    code, log = stop_and_clean(d)
+    left = _vm_processes(d)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"microVM processes left behind: {left}"
+    assert code == 0 and "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, assets_root: str) -> Iterator[Daemon]:
     base = str(tmp_path_factory.mktemp("parity"))
-    assets = os.path.join(base, "assets-root")
-    d = start_daemon(base, env={"COCON_ASSETS_ROOT": assets})
+    d = start_daemon(base, env={"COCON_ASSETS_ROOT": assets_root})
     try:
         yield d
     finally:
-        code, log = stop_and_clean(d)
-        left = _vm_processes(d)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(assets, ignore_errors=True)
-        assert left == [], f"microVM processes left behind: {left}"
-        assert code == 0 and "Traceback" not in log, log
+        _stop_and_check(d)
 
 
 def cocon(
@@ -237,3 +246,65 @@ def test_docker_run_isolation_hyperv_starts_a_microvm(daemon: Daemon) -> None:
     p = docker(daemon, "run", "--rm", "--isolation=hyperv", "busybox", "uname", "-r", check=False)
     assert p.returncode == 0, p
     assert p.stdout.strip() != os.uname().release and p.stdout.strip().endswith("-amd64")
+
+
+def test_a_crashed_guest_kernel_ends_only_its_microvm(daemon: Daemon, cleanup_containers: list[str]) -> None:
+    """Root with every capability crashes its kernel (sysrq c): that microVM ends with a clear
+    reason (State.Error), its neighbour microVM and the host's containers carry on."""
+    cleanup_containers.extend(["crash", "neighbour"])
+    p = cocon(daemon, "run", "-d", "--name", "neighbour", "--network", "none", "--isolation", "microvm",
+              "busybox", "sleep", "600")  # fmt: skip
+    assert p.returncode == 0, p
+    p = cocon(daemon, "run", "--name", "crash", "--network", "none", "--isolation", "microvm",
+              "--cap-add", "ALL", "--security-opt", "seccomp=unconfined", "busybox", "sh", "-c",
+              "mount -o remount,bind,rw /proc/sysrq-trigger && echo c > /proc/sysrq-trigger; sleep 60")  # fmt: skip
+    assert p.returncode == 255, p
+    assert "stopped unexpectedly" in p.stderr
+    info = json.loads(cocon(daemon, "inspect", "crash").stdout)[0]
+    assert "stopped unexpectedly" in info["State"]["Error"]
+    assert cocon(daemon, "exec", "neighbour", "true").returncode == 0
+    assert run(daemon, "container", "busybox", "true").returncode == 0
+
+
+def test_killed_qemu_is_reported_as_the_instance_exiting(
+    daemon: Daemon, cleanup_containers: list[str]
+) -> None:
+    cleanup_containers.append("victim")
+    p = cocon(daemon, "run", "-d", "--name", "victim", "--network", "none", "--isolation", "microvm",
+              "busybox", "sleep", "600")  # fmt: skip
+    assert p.returncode == 0, p
+    cid = p.stdout.strip()
+    qemus = [pid for pid in _processes(cid[:12], b"qemu-system")]
+    assert len(qemus) == 1, qemus
+    os.kill(qemus[0], signal.SIGKILL)
+    assert cocon(daemon, "wait", "victim").stdout.strip() == "255"
+    info = json.loads(cocon(daemon, "inspect", "victim").stdout)[0]
+    assert "stopped unexpectedly" in info["State"]["Error"] and info["State"]["Status"] == "exited"
+
+
+def test_cold_boot_and_live_restore(tmp_path: Any, assets_root: str) -> None:
+    """Without templates (COCON_MICROVM_TEMPLATES=0) a microVM boots cold; it keeps running while
+    its daemon restarts, and the next daemon execs in it, stops it and collects its exit code."""
+    env = {"COCON_ASSETS_ROOT": assets_root, "COCON_MICROVM_TEMPLATES": "0"}
+    first = start_daemon(str(tmp_path), env=env)
+    second = None
+    try:
+        p = cocon(first, "run", "-d", "--name", "pet", "--network", "none", "--isolation", "microvm",
+                  "busybox", "sh", "-c", "echo booted; exec sleep 600")  # fmt: skip
+        assert p.returncode == 0, p
+        cid = p.stdout.strip()
+        assert _processes(cid[:12], b"qemu-system"), "no QEMU for the microVM"
+        with open(os.path.join(first.run, "vm", cid[:12], "console.log"), errors="replace") as f:
+            assert "cocon-agent: ready" in f.read()  # booted: a restored VM has no boot on its console
+        assert first.stop() == 0
+        second = start_daemon(str(tmp_path), root=first.root, run=first.run, env=env)
+        e = cocon(second, "exec", "pet", "sh", "-c", "echo still-here")
+        assert e.returncode == 0 and e.stdout == "still-here\n", e
+        assert cocon(second, "stop", "-t", "2", "pet").returncode == 0
+        info = json.loads(cocon(second, "inspect", "pet").stdout)[0]
+        assert info["State"]["Status"] == "exited" and info["State"]["ExitCode"] in (137, 143)
+        assert "booted" in cocon(second, "logs", "pet").stdout
+    finally:
+        if second is not None:
+            _stop_and_check(second)
+        _stop_and_check(first)

@@ -828,7 +828,7 @@ def _oci_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _status_text(rec: InstanceRecord, status: str, now: float) -> str:
-    if status == "running":
+    if status in ("running", "paused"):  # Docker: "Up 5 minutes (Paused)"
         return "Up " + human_duration(now - (rec.started or now))
     if status == "exited":
         return f"Exited ({rec.exit_code if rec.exit_code is not None else 0}) " + (

@@ -474,8 +474,9 @@ class Supervisor:
             "COCON_ROOT": self.e.root,
             "COCON_RUN": self.e.run_dir,
             "PYTHONDONTWRITEBYTECODE": "1",
-            # microVM shims: where the guest assets are (a cache several roots may share)
-            **{k: v for k, v in os.environ.items() if k == "COCON_ASSETS_ROOT"},
+            # microVM shims: where the guest assets are (a cache several roots may share), and
+            # whether they start from pre-booted templates
+            **{k: v for k, v in os.environ.items() if k in ("COCON_ASSETS_ROOT", "COCON_MICROVM_TEMPLATES")},
         }
 
     def _start_failed(self, rec: InstanceRecord, message: str, code: int) -> None:
@@ -534,6 +535,9 @@ class Supervisor:
         code, finished = self._exit_status(rec)
         finished = max(finished, rec.started or 0.0)
         errors: list[str] = []
+        exit_reason = getattr(self.e.driver(rec.isolation), "exit_reason", None)
+        if exit_reason is not None and (reason := exit_reason(rec.id)):
+            errors.append(reason)  # a microVM whose QEMU died: State.Error says so
         try:
             self.e.driver(rec.isolation).delete(rec.id, force=True)
         except Exception as exc:

@@ -168,6 +168,16 @@ class MicrovmDriver:
 
         microvm_shim.delete(self.runtime_root, instance_id, force=force)
 
+    def exit_reason(self, instance_id: str) -> str:
+        """Why the VM ended when its container did not end it (QEMU died), "" otherwise."""
+        from cocon.isolation import microvm_shim
+
+        try:
+            with open(os.path.join(microvm_shim.state_dir(self.runtime_root, instance_id), "exit-reason")) as f:
+                return f.read().strip()
+        except (OSError, IsolationError):
+            return ""
+
     def pause(self, instance_id: str) -> None:
         from cocon.isolation import microvm_shim
 
