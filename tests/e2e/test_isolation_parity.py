@@ -149,6 +149,8 @@ def test_signals_exec_logs_and_stop(daemon: Daemon, level: str, cleanup_containe
     e = cocon(daemon, "exec", "-e", "X=42", name, "sh", "-c", 'echo "exec $X"; echo exec-err >&2; exit 4')
     assert e.returncode == 4, e
     assert e.stdout == "exec 42\n" and "exec-err" in e.stderr
+    st = json.loads(cocon(daemon, "stats", "--no-stream", "--format", "json", name).stdout)
+    assert st["Name"] == name and st["PIDs"] != "0" and not st["MemUsage"].startswith("0B")
     missing = cocon(daemon, "exec", name, "/no/such")
     assert missing.returncode != 0 and "/no/such" in missing.stderr, missing
     assert cocon(daemon, "kill", "-s", "TERM", name).returncode == 0

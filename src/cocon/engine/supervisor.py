@@ -850,6 +850,11 @@ class Supervisor:
 
         rec = self._get(ref)
         running = self.status(rec) in ("running", "paused")
+        driver = self.e.driver(rec.isolation)
+        if running and hasattr(driver, "stats"):  # a microVM: its cgroup is in the guest
+            from cocon.engine.stats import guest_stats
+
+            return guest_stats(lambda: driver.stats(rec.id), rec.pid, rec.id, rec.name)
         return stats(rec.pid if running else 0, rec.id, rec.name)
 
     def copy(self, ref: str, *, src: str | None = None, dest: str | None = None, path: str) -> None:

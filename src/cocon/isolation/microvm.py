@@ -173,7 +173,8 @@ class MicrovmDriver:
         from cocon.isolation import microvm_shim
 
         try:
-            with open(os.path.join(microvm_shim.state_dir(self.runtime_root, instance_id), "exit-reason")) as f:
+            directory = microvm_shim.state_dir(self.runtime_root, instance_id)
+            with open(os.path.join(directory, "exit-reason")) as f:
                 return f.read().strip()
         except (OSError, IsolationError):
             return ""
