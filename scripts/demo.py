@@ -95,6 +95,11 @@ def main() -> int:
               "--cpus", "0.5", "busybox", "sh", "-c", INSIDE,
               shown="run --rm --hostname cocon-demo --memory 128m --pids-limit 64 --cpus 0.5 busybox sh -c "
                     "'<print what this process sees>'")  # fmt: skip
+        # the same image at another isolation level: its own VM and kernel (the first run builds the
+        # guest assets and a template; later ones start from the template)
+        cocon(env, "run", "--rm", "busybox", "uname", "-r")
+        cocon(env, "run", "--rm", "--isolation", "microvm", "busybox", "uname", "-r")
+        cocon(env, "info")
         ctx = os.path.join(base, "context")
         os.makedirs(ctx)
         with open(os.path.join(ctx, "Containerfile"), "w") as f:

@@ -135,7 +135,8 @@ FLAGS: tuple[tuple[tuple[str, ...], str, str, str | None, str], ...] = (
         "isolation",
         "value",
         "LEVEL",
-        "isolation level: container (alias process, the default); microvm and vm come later",
+        "isolation level: container (alias process, the default) or microvm (alias hyperv: the container "
+        "in its own VM and kernel, docs/microvm.md); vm comes later",
     ),
     (
         ("--network", "--net"),
