@@ -313,6 +313,21 @@ class Shim:
             "create", container_id=self.cid, config=doc, terminal=self.terminal, stdin=True, timeout=60
         )
         self.guest_pid = int(reply.get("pid") or 0)
+        self.listener = self._listen()  # before `create` returns: the engine's `start` comes next
+
+    def _listen(self) -> socket.socket:
+        """The control socket (root only: its directory is 0700, the socket 0600)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        ctl = os.path.join(self.dir, "ctl.sock")
+        try:
+            os.unlink(ctl)
+        except FileNotFoundError:
+            pass
+        listener.bind(ctl)
+        os.chmod(ctl, 0o600)
+        listener.listen(16)
+        listener.setblocking(False)
+        return listener
 
     def _restore(
         self, machine: MachineConfig, assets_digest: str, networked: bool, connect: Callable[[Qemu], None]
@@ -371,17 +386,7 @@ class Shim:
         self.sel.register(agent.fileno(), selectors.EVENT_READ, self._agent_event)
         self.qemu_fd = os.pidfd_open(self.vm.pid)
         self.sel.register(self.qemu_fd, selectors.EVENT_READ, self._qemu_exited)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        ctl = os.path.join(self.dir, "ctl.sock")
-        try:
-            os.unlink(ctl)
-        except FileNotFoundError:
-            pass
-        listener.bind(ctl)
-        os.chmod(ctl, 0o600)
-        listener.listen(16)
-        listener.setblocking(False)
-        self.sel.register(listener, selectors.EVENT_READ, self._accept)
+        self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
         self._signals()
         self._stdin_source()
         while self.exit_code is None:
