@@ -122,6 +122,18 @@ def test_stdin_env_user_and_workdir(daemon: Daemon, level: str) -> None:
 
 
 @pytest.mark.parametrize("level", LEVELS)
+def test_security_defaults(daemon: Daemon, level: str) -> None:
+    """Docker's capabilities, no_new_privs and the seccomp filter (compiled on the host and handed to
+    the guest for a microVM), and a read-only /proc/sys, at both levels."""
+    p = run(daemon, level, "busybox", "sh", "-c",
+            'grep -E "^(CapEff|NoNewPrivs|Seccomp):" /proc/self/status; mount | grep " /proc/sys "')  # fmt: skip
+    assert p.returncode == 0, p
+    lines = p.stdout.splitlines()
+    assert lines[:3] == ["CapEff:\t00000000a80425fb", "NoNewPrivs:\t1", "Seccomp:\t2"], p.stdout
+    assert "(ro," in lines[3], p.stdout
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_limits_inside(daemon: Daemon, level: str) -> None:
     # the host may have cgroup v1 (a container sees it); a microVM's guest always has cgroup v2
     script = (

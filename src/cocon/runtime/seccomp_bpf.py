@@ -80,7 +80,6 @@ def _digest(data: bytes) -> str:
 
 def compiled_filter(sc: Seccomp, cache_dir: str) -> CompiledFilter:
     """The compiled program for `linux.seccomp`, from the cache or compiled (and cached) now."""
-    from cocon.oci.jsonobj import encode
 
     if any(rule.action == "SCMP_ACT_NOTIFY" for rule in sc.syscalls or ()):
         raise SeccompError(
@@ -94,10 +93,7 @@ def compiled_filter(sc: Seccomp, cache_dir: str) -> CompiledFilter:
                 f"linux.seccomp.flags[{i}]: unknown flag {flag!r}; use {', '.join(FILTER_FLAGS)}"
             )
         flags |= FILTER_FLAGS[flag]
-    uname = os.uname()
-    key = _digest(b"\0".join([encode(sc), uname.release.encode(), uname.machine.encode(),
-                              _libseccomp_version().encode()]))  # fmt: skip
-    path = os.path.join(cache_dir, key + ".bpf")
+    path = cache_path(sc, cache_dir)
     try:
         with open(path, "rb") as f:
             program = f.read()
@@ -106,12 +102,32 @@ def compiled_filter(sc: Seccomp, cache_dir: str) -> CompiledFilter:
     except FileNotFoundError:
         pass
     program = _compile(sc)
+    store(sc, cache_dir, program)
+    return CompiledFilter(program, flags)
+
+
+def cache_path(sc: Seccomp, cache_dir: str) -> str:
+    """Where the compiled program of `sc` is cached: keyed by the profile, this kernel and arch, and
+    the libseccomp version."""
+    from cocon.oci.jsonobj import encode
+
+    uname = os.uname()
+    key = _digest(b"\0".join([encode(sc), uname.release.encode(), uname.machine.encode(),
+                              _libseccomp_version().encode()]))  # fmt: skip
+    return os.path.join(cache_dir, key + ".bpf")
+
+
+def store(sc: Seccomp, cache_dir: str, program: bytes) -> None:
+    """Put a compiled program into the cache (atomically). A microVM's agent stores the program its
+    host compiled, so that the guest does not run libseccomp's compiler under emulation."""
+    if not program or len(program) % _INSN_SIZE:
+        raise SeccompError("a compiled seccomp program must be a whole number of BPF instructions")
+    path = cache_path(sc, cache_dir)
     os.makedirs(cache_dir, mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(program)
     os.rename(tmp, path)
-    return CompiledFilter(program, flags)
 
 
 def _compile(sc: Seccomp) -> bytes:

@@ -453,6 +453,39 @@ def resolve_inputs(recipe: Recipe | None = None, *, cache_dir: str | None = None
 # --- reading and verifying built assets -----------------------------------------------------------
 
 
+VERIFIED_FILE = ".verified"
+
+
+def _file_stamp(directory: str, files: dict[str, str]) -> str:
+    """What the files are on disk (inode, size, mtime and ctime in ns): any write, replacement or
+    chmod changes it."""
+    parts = []
+    for name in sorted(files):
+        st = os.stat(os.path.join(directory, name))
+        parts.append(f"{name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return "\n".join(parts)
+
+
+def _verified_before(directory: str, stamp: str) -> bool:
+    """The files were hashed against the manifest and have not changed since (a microVM start then
+    costs a few stat calls, not hashing ~130 MB)."""
+    try:
+        with open(os.path.join(directory, VERIFIED_FILE)) as f:
+            return f.read() == stamp
+    except OSError:
+        return False
+
+
+def _remember_verified(directory: str, stamp: str) -> None:
+    tmp = os.path.join(directory, f"{VERIFIED_FILE}.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(stamp)
+        os.replace(tmp, os.path.join(directory, VERIFIED_FILE))
+    except OSError:
+        pass  # a read-only directory: verified again next time
+
+
 def _load(directory: str, digest: str) -> Assets:
     """The assets in `directory`, verified against its manifest; AssetError if anything is off."""
     try:
@@ -462,9 +495,12 @@ def _load(directory: str, digest: str) -> Assets:
         for name in (KERNEL_FILE, INITRD_FILE):
             if name not in files:
                 raise AssetError(f"the manifest in {directory} lists no {name}")
-        for name, sha in files.items():
-            if _sha256_file(os.path.join(directory, name)) != sha:
-                raise AssetError(f"{os.path.join(directory, name)} does not match its manifest")
+        stamp = _file_stamp(directory, files)
+        if not _verified_before(directory, stamp):
+            for name, sha in files.items():
+                if _sha256_file(os.path.join(directory, name)) != sha:
+                    raise AssetError(f"{os.path.join(directory, name)} does not match its manifest")
+            _remember_verified(directory, stamp)
         if manifest["digest"] != digest:
             raise AssetError(f"{directory} holds the assets of {manifest['digest']}, not {digest}")
         kernel = KERNEL_ELF_FILE if KERNEL_ELF_FILE in files else KERNEL_FILE

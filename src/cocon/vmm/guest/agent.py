@@ -280,6 +280,7 @@ class Agent:
     def run(self) -> int:
         self.install_signals()
         self._watch(self.wake_r.fileno())
+        preload()
         print(READY_LINE, flush=True)
         try:
             while self.running:
@@ -694,6 +695,31 @@ class Agent:
             ) from None
         return {}
 
+    def _store_seccomp(self, config: bytes, program_b64: str) -> None:
+        """Put the seccomp program the host compiled for this config into the runtime's cache, so the
+        guest does not run libseccomp's compiler (slow under emulation). A config the runtime will
+        refuse anyway is left to it."""
+        from cocon.oci.errors import OCIError
+        from cocon.oci.runtime_spec import parse_config
+        from cocon.runtime.container import SECCOMP_CACHE
+        from cocon.runtime.errors import SeccompError
+        from cocon.runtime.seccomp_bpf import store
+
+        try:
+            program = base64.b64decode(program_b64, validate=True)
+        except ValueError:
+            raise RequestError("create: seccomp_program must be base64") from None
+        try:
+            spec = parse_config(config, "create.config")
+        except OCIError:
+            return
+        if spec.linux is None or spec.linux.seccomp is None:
+            return
+        try:
+            store(spec.linux.seccomp, os.path.join(self.runtime.root, SECCOMP_CACHE), program)
+        except SeccompError as exc:
+            raise RequestError(f"create: seccomp_program: {exc}") from None
+
     def op_create(self, req: dict[str, Any]) -> dict[str, Any]:
         cid = _container_id(req)
         config: dict[str, Any] = _arg(req, "config", dict)
@@ -725,6 +751,9 @@ class Agent:
         try:
             with open(os.path.join(bundle, "config.json"), "wb") as f:
                 f.write(json.dumps(config).encode())
+            program = _arg(req, "seccomp_program", str, None)
+            if program is not None:
+                self._store_seccomp(json.dumps(config).encode(), program)
 
             def start() -> tuple[int, int]:
                 state, master = self.runtime.create(cid, bundle, foreground=True)
@@ -1133,6 +1162,21 @@ def _mounted() -> set[str]:
             return {line.split()[4] for line in f}
     except OSError:
         return set()
+
+
+def preload() -> None:
+    """Import what `create` and `exec` need before saying ready: a VM restored from a template (saved
+    right after the ready line) then has them in memory instead of importing them under emulation."""
+    import importlib
+
+    from cocon.runtime.cli import _CREATE_MODULES
+
+    for name in (*_CREATE_MODULES, "cocon.oci.jsonobj", "cocon.runtime.console", "cocon.runtime.errors"):
+        importlib.import_module(name)
+    try:
+        import seccomp  # noqa: F401  # libseccomp's bindings (compiling a profile not in the BPF cache)
+    except ImportError:
+        pass
 
 
 def prepare_pid1() -> None:
