@@ -383,7 +383,6 @@ def count_templates(path: str) -> str:
 
 
 def bench(base: str, run_base: str, daemons: list[Daemon]) -> None:
-    from cocon.isolation import microvm_shim
     from cocon.isolation.microvm import machine_size
     from cocon.vmm.assets import ensure_assets
     from cocon.vmm.kvm import probe_kvm
@@ -399,13 +398,9 @@ def bench(base: str, run_base: str, daemons: list[Daemon]) -> None:
     built = time.monotonic() - t
     probe = probe_kvm(assets)
     memory, cpus = machine_size({})
-    # the shim's TSC word under TCG: from its own _cmdline() where it has one, else build_command adds
-    # it (host_tsc_khz()) to every TCG guest, the shim's and this one alike
-    shim_cmdline = getattr(microvm_shim, "_cmdline", None)
-    words = [w for w in shim_cmdline(probe.accel).split() if w.startswith("tsc_early_khz=")] if callable(
-        shim_cmdline) else []  # fmt: skip
+    # build_command gives every TCG guest (the shim's and this one alike) the TSC word it needs
     config = MachineConfig(
-        assets.kernel, assets.initrd, cmdline=" ".join(words), machine="microvm", accel=probe.accel,
+        assets.kernel, assets.initrd, machine="microvm", accel=probe.accel,
         memory_mib=memory, cpus=cpus,
     )  # fmt: skip
     floor_dir = os.path.join(base, "floor")

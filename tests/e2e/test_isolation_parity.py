@@ -25,28 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from cli_helpers import COCON
 from daemon_helpers import Daemon, docker, start_daemon, stop_and_clean
+from vm_helpers import kill_processes, processes_naming
 
 LEVELS = ["container", "microvm"]
-
-
-def _processes(marker: str, name: bytes) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and name in argv[0] and any(marker.encode() in a for a in argv):
-            out.append(int(entry))
-    return out
-
-
-def _vm_processes(d: Daemon) -> list[int]:
-    """QEMUs and shims of this daemon (their command lines name its run directory)."""
-    return _processes(d.run, b"qemu-system") + _processes(d.run, b"python")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +39,7 @@ def assets_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _stop_and_check(d: Daemon) -> None:
     code, log = stop_and_clean(d)
-    left = _vm_processes(d)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
+    left = kill_processes(d.run) + kill_processes(d.run, b"python")
     assert left == [], f"microVM processes left behind: {left}"
     assert code == 0 and "Traceback" not in log, log
 
@@ -288,7 +267,7 @@ def test_killed_qemu_is_reported_as_the_instance_exiting(
               "busybox", "sleep", "600")  # fmt: skip
     assert p.returncode == 0, p
     cid = p.stdout.strip()
-    qemus = [pid for pid in _processes(cid[:12], b"qemu-system")]
+    qemus = processes_naming(cid[:12])
     assert len(qemus) == 1, qemus
     os.kill(qemus[0], signal.SIGKILL)
     assert cocon(daemon, "wait", "victim").stdout.strip() == "255"
@@ -307,7 +286,7 @@ def test_cold_boot_and_live_restore(tmp_path: Any, assets_root: str) -> None:
                   "busybox", "sh", "-c", "echo booted; exec sleep 600")  # fmt: skip
         assert p.returncode == 0, p
         cid = p.stdout.strip()
-        assert _processes(cid[:12], b"qemu-system"), "no QEMU for the microVM"
+        assert processes_naming(cid[:12], b"qemu-system"), "no QEMU for the microVM"
         with open(os.path.join(first.run, "vm", cid[:12], "console.log"), errors="replace") as f:
             assert "cocon-agent: ready" in f.read()  # booted: a restored VM has no boot on its console
         assert first.stop() == 0

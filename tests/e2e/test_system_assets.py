@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,24 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from cli_helpers import COCON
 from cocon.vmm.assets import STAGES
 from daemon_helpers import Daemon, docker, new_roots, start_daemon, stop_and_clean
+from vm_helpers import kill_processes
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-
-def qemu_pids(marker: str) -> list[int]:
-    """QEMU processes whose command line mentions `marker` (the KVM probe boots the built kernel)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(marker.encode() in a for a in argv):
-            pids.append(int(entry))
-    return pids
 
 
 class Node:
@@ -80,9 +64,7 @@ def node_fixture(base: str, env: dict[str, str] | None = None) -> Iterator[Node]
             yield Node(d, assets)
         finally:
             code, log = stop_and_clean(d)
-            left = qemu_pids(assets)
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
+            left = kill_processes(assets)
             assert left == [], f"QEMU processes left behind: {left}"
             assert code == 0 and "Traceback" not in log, log
     finally:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -32,40 +31,16 @@ from cocon.vmm.assets import (
 from cocon.vmm.errors import AssetError, QemuError
 from cocon.vmm.kvm import CACHE_FILE, probe_kvm
 from cocon.vmm.qemu import Disk, MachineConfig, Qemu, Share
+from vm_helpers import kill_processes, processes_naming
 
 READY = "cocon-guest: ready"
-
-
-def _qemu_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(marker.encode() in a for a in argv):
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_all(marker: str) -> list[int]:
-    pids = _qemu_pids(marker)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = str(tmp_path_factory.mktemp("vmm-root"))
     yield path
-    _kill_all(path)
+    kill_processes(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -90,7 +65,7 @@ def assets(root: str, recipe: Recipe) -> Assets:
 def no_qemu_left(tmp_path: str, request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     markers = [str(tmp_path)]
-    left = [pid for m in markers for pid in _kill_all(m)]
+    left = [pid for m in markers for pid in kill_processes(m)]
     assert left == [], f"QEMU processes left behind: {left}"
 
 
@@ -338,7 +313,7 @@ def test_closing_kills_a_guest_that_still_runs(assets: Assets, tmp_path: str) ->
             vm.start()
             raise RuntimeError("the caller fails while the guest runs")
     assert vm.returncode is not None
-    assert _qemu_pids(str(tmp_path)) == []
+    assert processes_naming(str(tmp_path)) == []
 
 
 # --- failures -------------------------------------------------------------------------------------
@@ -352,7 +327,7 @@ def test_qemu_failing_to_start_gives_a_clear_error(assets: Assets, tmp_path: str
     assert "exited with status 1" in str(info.value)
     assert "-no-such-option" in info.value.log_tail
     assert vm.returncode == 1
-    assert _qemu_pids(str(tmp_path)) == []
+    assert processes_naming(str(tmp_path)) == []
 
 
 def test_a_guest_that_never_shows_the_marker_is_reported_and_killed(assets: Assets, tmp_path: str) -> None:
@@ -378,7 +353,7 @@ def test_the_kvm_probe_answers_in_time_and_is_cached(assets: Assets) -> None:
     assert probe.accel == "tcg", probe.reason
     assert probe.reason
     assert os.path.isfile(os.path.join(assets.directory, CACHE_FILE))
-    assert _qemu_pids(assets.directory) == []
+    assert processes_naming(assets.directory) == []
 
     started = time.monotonic()
     again = probe_kvm(assets, timeout=5)
@@ -394,4 +369,4 @@ def test_the_kvm_probe_times_out_a_hanging_guest(assets: Assets) -> None:
     assert probe.accel == "tcg" and probe.cpu == "qemu64"
     assert "within 2 s" in probe.reason, probe.reason
     assert took < 2 + 2.5, f"the probe took {took:.1f} s"
-    assert _qemu_pids(assets.kernel) == []
+    assert processes_naming(assets.kernel) == []

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -25,41 +24,17 @@ from cocon.vmm.assets import Assets, ensure_assets
 from cocon.vmm.errors import QemuError
 from cocon.vmm.qemu import MachineConfig, Qemu, Share, virtio_device
 from cocon.vmm.template import Template, TemplateError, TemplateKey, TemplateStore, _sha256_file
+from vm_helpers import kill_processes, processes_naming
 
 WAITING = "cocon-guest: waiting"
 LAYOUT = "rng"
-
-
-def _qemu_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(marker.encode() in a for a in argv):
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_all(marker: str) -> list[int]:
-    pids = _qemu_pids(marker)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pids
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = str(tmp_path_factory.mktemp("tpl"))
     yield path
-    _kill_all(path)
+    kill_processes(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -71,7 +46,7 @@ def assets(root: str) -> Assets:
 @pytest.fixture(autouse=True)
 def no_qemu_left(tmp_path: str) -> Iterator[None]:
     yield
-    left = _kill_all(str(tmp_path))
+    left = kill_processes(str(tmp_path))
     assert left == [], f"QEMU processes left behind: {left}"
 
 
@@ -257,7 +232,7 @@ def test_a_mismatched_key_is_not_found(
     # Restoring the template into a machine it was not made for is refused before QEMU starts.
     with pytest.raises(QemuError, match=r"does not match the template key \(memory_mib: 256 != 384\)"):
         store.restore(made.template, dataclasses.replace(config, memory_mib=384), workdir)
-    assert _qemu_pids(str(tmp_path)) == []
+    assert processes_naming(str(tmp_path)) == []
     assert store.find(key) == made.template
 
 
@@ -308,7 +283,7 @@ def test_a_stream_qemu_cannot_load_is_removed_and_restore_or_none_says_boot_cold
     config = _config(assets, workdir)
     assert other.restore_or_none(made.template.key, config, workdir) is None
     assert not os.path.exists(directory), "the template QEMU could not load was removed"
-    assert _qemu_pids(str(tmp_path)) == []
+    assert processes_naming(str(tmp_path)) == []
     qemu_log = open(os.path.join(workdir, "qemu.log")).read()
     assert "load of migration failed" in qemu_log, qemu_log
 
@@ -328,7 +303,7 @@ def test_a_stream_qemu_cannot_load_is_removed_and_restore_or_none_says_boot_cold
     assert info.value.returncode == 1
     assert "load of migration failed" in info.value.log_tail
     assert not os.path.exists(copy.directory)
-    assert _qemu_pids(str(tmp_path)) == []
+    assert processes_naming(str(tmp_path)) == []
 
 
 # --- the stream template -----------------------------------------------------------------------------
