@@ -301,3 +301,35 @@ def test_cold_boot_and_live_restore(tmp_path: Any, assets_root: str) -> None:
         if second is not None:
             _stop_and_check(second)
         _stop_and_check(first)
+
+
+def test_a_module_loaded_by_root_stays_in_the_guest(daemon: Daemon, assets_root: str, tmp_path: Any) -> None:
+    """Root with CAP_SYS_MODULE and no seccomp loads a kernel module (the guest kernel's `dummy`,
+    from the kernel package the assets were built from): the guest has it, the host does not."""
+    from cocon.vmm.assets import ensure_assets
+
+    ensure_assets(assets_root)  # the kernel package is kept with them
+    debs = os.path.join(assets_root, "assets", "debs")
+    deb = next(os.path.join(debs, n) for n in os.listdir(debs) if n.startswith("linux-image-"))
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp_path), "--wildcards", "*/drivers/net/dummy.ko"], input=tar,
+                   check=True)  # fmt: skip
+    module = next(os.path.join(d, "dummy.ko") for d, _, files in os.walk(tmp_path) if "dummy.ko" in files)
+    host_before = _host_modules()
+    p = run(daemon, "microvm", "--network", "none", "--cap-add", "SYS_MODULE", "--security-opt",
+            "seccomp=unconfined", "-v", f"{module}:/dummy.ko:ro", "busybox", "sh", "-c",
+            "insmod /dummy.ko && grep -c '^dummy ' /proc/modules")  # fmt: skip
+    assert p.returncode == 0 and p.stdout.strip() == "1", p
+    assert _host_modules() == host_before  # nothing reached the host's kernel
+    c = run(daemon, "container", "--network", "none", "--cap-add", "SYS_MODULE", "--security-opt",
+            "seccomp=unconfined", "-v", f"{module}:/dummy.ko:ro", "busybox", "insmod", "/dummy.ko")  # fmt: skip
+    assert c.returncode != 0  # a container shares the host's kernel: the guest's module does not fit it
+
+
+def _host_modules() -> set[str] | None:
+    """The host kernel's loaded modules (None: a kernel built without module support)."""
+    try:
+        with open("/proc/modules") as f:
+            return {line.split()[0] for line in f}
+    except FileNotFoundError:
+        return None
