@@ -9,12 +9,15 @@ host); no QEMU, shim or conmon of the module may be left at the end."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +26,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from cli_helpers import COCON
+from cli_helpers import COCON, read_until
 from daemon_helpers import Daemon, docker, start_daemon, stop_and_clean
 from vm_helpers import kill_processes, processes_naming
 
@@ -110,6 +113,33 @@ def test_security_defaults(daemon: Daemon, level: str) -> None:
     lines = p.stdout.splitlines()
     assert lines[:3] == ["CapEff:\t00000000a80425fb", "NoNewPrivs:\t1", "Seccomp:\t2"], p.stdout
     assert "(ro," in lines[3], p.stdout
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_terminal_input_and_resize(daemon: Daemon, level: str) -> None:
+    """`run -it` on a real pty: the size from the start, typed input, a resize, the exit code."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    script = "tty; stty size; read line; echo got:$line; sleep 1; stty size; exit 6"
+    proc = subprocess.Popen(
+        [COCON, "run", "--rm", "-it", "--network", "none", "--isolation", level, "busybox", "sh", "-c", script],
+        stdin=slave, stdout=slave, stderr=slave, env=daemon.env, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        out = read_until(master, b"30 100", timeout=120)
+        assert b"/dev/pts/0" in out
+        os.write(master, b"typed\r")
+        out += read_until(master, b"got:typed")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.killpg(proc.pid, signal.SIGWINCH)  # what the terminal sends to its foreground group
+        out += read_until(master, b"40 120")
+        assert proc.wait(timeout=60) == 6
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
 
 
 @pytest.mark.parametrize("level", LEVELS)
