@@ -170,6 +170,10 @@ def test_signals_exec_logs_and_stop(daemon: Daemon, level: str, cleanup_containe
     e = cocon(daemon, "exec", "-e", "X=42", name, "sh", "-c", 'echo "exec $X"; echo exec-err >&2; exit 4')
     assert e.returncode == 4, e
     assert e.stdout == "exec 42\n" and "exec-err" in e.stderr
+    top = cocon(daemon, "top", name)
+    lines = top.stdout.splitlines()
+    assert top.returncode == 0 and lines[0].split()[:2] == ["UID", "PID"], top
+    assert any("sh -c trap" in line for line in lines[1:]), top  # the container's init, by its command
     st = json.loads(cocon(daemon, "stats", "--no-stream", "--format", "json", name).stdout)
     assert st["Name"] == name and st["PIDs"] != "0" and not st["MemUsage"].startswith("0B")
     missing = cocon(daemon, "exec", name, "/no/such")

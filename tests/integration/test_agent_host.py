@@ -330,6 +330,10 @@ def test_stats(agent: AgentRun) -> None:
     assert 0 < stats["mem_available"] < stats["mem_total"]
     with pytest.raises(AgentError, match="does not exist"):
         agent.client.request("stats", container_id="nope")
+    top = agent.client.request("ps", container_id=cid)
+    assert top["titles"][:3] == ["UID", "PID", "PPID"]
+    commands = [row[-1] for row in top["processes"]]
+    assert commands.count("sleep 100") == 2 and any(c.startswith("sh -c") for c in commands), top
 
 
 def test_bad_frames_and_requests_get_errors(agent: AgentRun) -> None:

@@ -838,7 +838,14 @@ class Supervisor:
         rec = self._get(ref)
         if self.status(rec) not in ("running", "paused"):
             raise Conflict(f"container {rec.name} is not running")
-        runtime = getattr(self.e.driver(rec.isolation), "runtime", None)
+        driver = self.e.driver(rec.isolation)
+        guest_top = getattr(driver, "top", None)
+        if guest_top is not None:  # a microVM: its processes are the guest's
+            if ps_args not in (None, "", "-ef"):
+                raise InvalidRequest(f"top of microVM {rec.name} shows `ps -ef` only: leave out {ps_args!r}")
+            result: dict[str, Any] = guest_top(rec.id)
+            return result
+        runtime = getattr(driver, "runtime", None)
         try:
             pids = runtime.pids(rec.id) if runtime is not None else [rec.pid]
         except Exception:

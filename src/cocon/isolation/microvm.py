@@ -189,6 +189,13 @@ class MicrovmDriver:
 
         microvm_shim.control(self.runtime_root, instance_id, {"op": "resume"})
 
+    def top(self, instance_id: str) -> dict[str, Any]:
+        """Docker's top document of the container's processes in the guest (`ps -ef` columns)."""
+        from cocon.isolation import microvm_shim
+
+        reply = microvm_shim.control(self.runtime_root, instance_id, {"op": "top"})
+        return {"Titles": reply["titles"], "Processes": reply["processes"]}
+
     def stats(self, instance_id: str) -> dict[str, Any]:
         from cocon.isolation import microvm_shim
 

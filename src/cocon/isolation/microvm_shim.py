@@ -571,6 +571,8 @@ class Shim:
             self.status = "paused" if op == "pause" else "running"
             self._save_state()
             return {"ok": True}
+        if op == "top":
+            return self.agent.request("ps", container_id=self.cid)
         if op == "stats":
             reply = self.agent.request("stats", container_id=self.cid)
             reply["qemu_pid"] = self.vm.pid

@@ -253,6 +253,7 @@ class Agent:
             "signal": self.op_signal,
             "resize": self.op_resize,
             "stats": self.op_stats,
+            "ps": self.op_ps,
             "reseed": self.op_reseed,
             "set_clock": self.op_set_clock,
             "set_hostname": self.op_set_hostname,
@@ -868,6 +869,12 @@ class Agent:
             "mem_available": meminfo.get("MemAvailable"),
         }
 
+    def op_ps(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The container's processes as `ps -ef` shows them (the guest's pids), for `cocon top`."""
+        cid = _container_id(req)
+        rows = [row for pid in sorted(self.runtime.pids(cid)) if (row := _ps_row(pid)) is not None]
+        return {"titles": ["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"], "processes": rows}
+
     def op_reseed(self, req: dict[str, Any]) -> dict[str, Any]:
         text: str = _arg(req, "entropy", str)
         try:
@@ -1011,6 +1018,26 @@ def _parse_cidr(text: Any) -> tuple[int, bytes, int]:
             break
         return family, packed, int(prefix) if prefix else bits
     raise RequestError(f"network: {text!r} is not an IP address with an optional /prefix")
+
+
+def _ps_row(pid: int) -> list[str] | None:
+    """One `ps -ef` line of a guest process (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) // ticks
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    started = time.time() - uptime + int(fields[19]) / ticks
+    cmd = " ".join(argv) or f"[{fields[0]}]"
+    return [str(uid), str(pid), fields[1], "0", time.strftime("%H:%M", time.localtime(started)), "?",
+            f"{cpu // 3600:02d}:{cpu // 60 % 60:02d}:{cpu % 60:02d}", cmd]  # fmt: skip
 
 
 def _set_mac(name: str, mac: str) -> None:
