@@ -34,38 +34,9 @@ from cli_helpers import new_root_with_busybox, unmount_all  # noqa: E402
 from cocon.api.http_client import HTTPClient  # noqa: E402
 from cocon.engine.stats import cgroup_dirs, memory  # noqa: E402
 from daemon_helpers import conmons_of  # noqa: E402
+from host_memory import drop_caches, mem_available, rollup  # noqa: E402
 
 MiB = 1024 * 1024
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def rollup(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[1].isdigit():
-                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except OSError:
-        pass
 
 
 def daemon_pid(run: str) -> int:

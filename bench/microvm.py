@@ -59,6 +59,7 @@ from cli_helpers import (  # noqa: E402
     unmount_all,
 )
 from daemon_helpers import wait_for_socket  # noqa: E402
+from host_memory import drop_caches, mem_available, rollup  # noqa: E402
 
 MiB = 1024 * 1024
 BIN = os.path.dirname(COCON)
@@ -158,19 +159,6 @@ def parent_of(pid: int) -> int:
         return 0
 
 
-def rollup(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[1].isdigit():
-                    out[parts[0].rstrip(":")] = int(parts[1]) * 1024
-    except OSError:
-        pass
-    return out
-
-
 _HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 
 
@@ -220,23 +208,6 @@ def qemu_maps(pid: int, memory_mib: int) -> dict[str, Any]:
             out["anon"] += m[1]
     out["top_file"] = max(per_file.items(), key=lambda kv: kv[1], default=("-", 0))
     return out
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except OSError:
-        pass
 
 
 @dataclass
