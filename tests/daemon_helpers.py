@@ -4,6 +4,7 @@ COCON_RUN (the root holds busybox:latest), a raw HTTP client over its Unix socke
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -15,7 +16,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,3 +262,22 @@ def docker(
     if check and proc.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} exited {proc.returncode}\n{out.stdout}\n{out.stderr}")
     return out
+
+
+@contextlib.contextmanager
+def docker_py_client(d: Daemon, then: Callable[[Any], None] | None = None) -> Iterator[Any]:
+    """A docker-py client of the daemon; afterwards (also when the test failed) every container is
+    removed, then `then(client)` cleans up what else the test made (images, networks)."""
+    import docker
+
+    c = docker.DockerClient(base_url=f"unix://{d.sock}", version="auto", timeout=60)
+    try:
+        yield c
+    finally:
+        try:
+            for ct in c.containers.list(all=True):
+                ct.remove(force=True)
+            if then is not None:
+                then(c)
+        finally:
+            c.close()

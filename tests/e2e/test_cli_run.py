@@ -3,14 +3,11 @@ image, in private roots (tests/cli_helpers.py checks that nothing is left behind
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
-from cli_helpers import COCON, CoconEnv, cocon_env_fixture, read_until
+from cli_helpers import COCON, CoconEnv, cocon_env_fixture
 from cocon.runtime.capabilities import CAPABILITIES, DOCKER_DEFAULT_CAPABILITIES
 
 
@@ -189,31 +186,6 @@ def test_read_only_tmpfs_and_limits(cocon_env: CoconEnv) -> None:
 def test_stdin_only_with_interactive(cocon_env: CoconEnv) -> None:
     assert cocon_env("run", "--rm", "-i", "busybox", "cat", input="piped in\n").stdout == "piped in\n"
     assert cocon_env("run", "--rm", "busybox", "cat", input="not passed\n").stdout == ""
-
-
-def test_tty_interactive_resize(cocon_env: CoconEnv) -> None:
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-    script = "tty; stty size; read line; echo got:$line; sleep 0.5; stty size; exit 6"
-    proc = subprocess.Popen(
-        [COCON, "run", "--rm", "-it", "busybox", "sh", "-c", script],
-        stdin=slave, stdout=slave, stderr=slave, env=cocon_env.env, start_new_session=True,
-    )  # fmt: skip
-    os.close(slave)
-    try:
-        out = read_until(master, b"30 100")
-        assert b"/dev/pts/0" in out
-        os.write(master, b"typed\r")
-        out += read_until(master, b"got:typed")
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-        os.killpg(proc.pid, signal.SIGWINCH)  # what the terminal sends to its foreground group
-        out += read_until(master, b"40 120")
-        assert proc.wait(timeout=30) == 6
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
 
 
 def test_signals_are_forwarded(cocon_env: CoconEnv) -> None:

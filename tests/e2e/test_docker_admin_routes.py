@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from cli_helpers import mounts_under
-from daemon_helpers import DOCKER, Daemon, module_daemon
+from daemon_helpers import DOCKER, Daemon, docker_py_client, module_daemon
 from daemon_helpers import docker as docker_cli
 
 
@@ -30,17 +30,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture
 def client(daemon: Daemon) -> Iterator[docker.DockerClient]:
-    c = docker.DockerClient(base_url=f"unix://{daemon.sock}", version="auto", timeout=60)
-    try:
-        yield c
-    finally:
-        for ct in c.containers.list(all=True):
-            ct.remove(force=True)
+    def remove_images(c: docker.DockerClient) -> None:
         for image in c.images.list():
             if not any(t.startswith("busybox") for t in image.tags):
                 c.images.remove(image.id, force=True)
-        c.close()
-        assert mounts_under(daemon.root + "/snapshots/overlayfs/active") == []
+
+    with docker_py_client(daemon, then=remove_images) as c:
+        yield c
+    assert mounts_under(daemon.root + "/snapshots/overlayfs/active") == []
 
 
 def _finished(client: docker.DockerClient, script: str, **kw: Any) -> Any:

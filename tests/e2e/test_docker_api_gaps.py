@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 
-from daemon_helpers import Daemon, module_daemon
+from daemon_helpers import Daemon, docker_py_client, module_daemon
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +30,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture
 def client(daemon: Daemon) -> Iterator[docker.DockerClient]:
-    c = docker.DockerClient(base_url=f"unix://{daemon.sock}", version="auto", timeout=60)
-    try:
-        yield c
-    finally:
-        for ct in c.containers.list(all=True):
-            ct.remove(force=True)
+    def remove_networks(c: docker.DockerClient) -> None:
         for net in c.networks.list():
             if net.name not in ("bridge", "host", "none"):
                 net.remove()
-        c.close()
+
+    with docker_py_client(daemon, then=remove_networks) as c:
+        yield c
 
 
 def wait_for_log(ct: docker.models.containers.Container, text: bytes, timeout: float = 20) -> None:

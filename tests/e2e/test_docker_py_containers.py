@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 
-from daemon_helpers import Daemon, module_daemon
+from daemon_helpers import Daemon, docker_py_client, module_daemon
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture
 def client(daemon: Daemon) -> Iterator[docker.DockerClient]:
-    c = docker.DockerClient(base_url=f"unix://{daemon.sock}", version="auto", timeout=60)
-    try:
+    with docker_py_client(daemon) as c:
         yield c
-    finally:
-        for ct in c.containers.list(all=True):
-            ct.remove(force=True)
-        c.close()
 
 
 def test_run_attached(client: docker.DockerClient) -> None:
