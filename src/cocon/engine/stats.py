@@ -169,15 +169,50 @@ def networks(pid: int) -> dict[str, dict[str, int]]:
 def stats(pid: int, container_id: str, name: str) -> dict[str, Any]:
     """Docker's stats document (`stream=false`), plus the CLI's computed columns."""
     dirs = cgroup_dirs(pid) if pid else {}
-    cpus = os.cpu_count() or 1
     pre_cpu, pre_sys = cpu_usage_ns(dirs), system_cpu_ns()
     time.sleep(SAMPLE_SECONDS if dirs else 0)
     cpu, sys_cpu = cpu_usage_ns(dirs), system_cpu_ns()
     mem: dict[str, Any] = memory(dirs) if dirs else {"usage": 0, "limit": 0, "stats": {}}
-    io = blkio(dirs) if dirs else []
-    nets = networks(pid) if pid else {}
-    d_cpu, d_sys = cpu - pre_cpu, sys_cpu - pre_sys
     used = max(0, mem["usage"] - mem.get("inactive_file", 0))
+    return _document(
+        container_id, name, (pre_cpu, pre_sys), (cpu, sys_cpu), mem, used,
+        pids(dirs) if dirs else {}, blkio(dirs) if dirs else [], networks(pid) if pid else {},
+    )  # fmt: skip
+
+
+def guest_stats(
+    sample: Callable[[], dict[str, Any]], pid: int, container_id: str, name: str
+) -> dict[str, Any]:
+    """Docker's stats document for a container inside a microVM: CPU, memory and pids from its cgroup
+    in the guest (`sample()`: the guest agent's `stats`, taken twice), the network from the host's
+    side of its NIC (the shim, `pid`, lives in the instance's network namespace)."""
+    first, pre_sys = sample(), system_cpu_ns()
+    time.sleep(SAMPLE_SECONDS)
+    second, sys_cpu = sample(), system_cpu_ns()
+    usage = int(second.get("memory_current") or 0)
+    limit = second.get("memory_max")
+    if not isinstance(limit, int) or limit <= 0:  # no --memory: what the guest has
+        limit = int(second.get("mem_total") or 0)
+    pids_doc = {"current": int(second.get("pids_current") or 0)}
+    if isinstance(second.get("pids_max"), int):
+        pids_doc["limit"] = int(second["pids_max"])
+    return _document(
+        container_id, name,
+        (int(first.get("cpu_usage_usec") or 0) * 1000, pre_sys),
+        (int(second.get("cpu_usage_usec") or 0) * 1000, sys_cpu),
+        {"usage": usage, "limit": limit, "stats": {}}, usage, pids_doc, [], networks(pid) if pid else {},
+    )  # fmt: skip
+
+
+def _document(
+    container_id: str, name: str, before: tuple[int, int], after: tuple[int, int], mem: dict[str, Any],
+    used: int, pids_doc: dict[str, Any], io: list[dict[str, Any]], nets: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The stats document from two CPU samples ((container ns, system ns) before and after), memory
+    (usage, limit, stats; `used` without the inactive page cache), pids, block I/O and networks."""
+    cpus = os.cpu_count() or 1
+    (pre_cpu, pre_sys), (cpu, sys_cpu) = before, after
+    d_cpu, d_sys = cpu - pre_cpu, sys_cpu - pre_sys
     return {
         "id": container_id,
         "name": f"/{name}",
@@ -189,7 +224,7 @@ def stats(pid: int, container_id: str, name: str) -> dict[str, Any]:
             "online_cpus": cpus,
         },
         "memory_stats": {"usage": mem["usage"], "limit": mem["limit"], "stats": mem["stats"]},
-        "pids_stats": pids(dirs) if dirs else {},
+        "pids_stats": pids_doc,
         "blkio_stats": {"io_service_bytes_recursive": io},
         "networks": nets,
         "CPUPerc": (d_cpu / d_sys * cpus * 100.0) if d_sys > 0 and d_cpu > 0 else 0.0,
@@ -200,52 +235,6 @@ def stats(pid: int, container_id: str, name: str) -> dict[str, Any]:
         "NetOutput": sum(n["tx_bytes"] for n in nets.values()),
         "BlockInput": sum(e["value"] for e in io if e["op"] == "read"),
         "BlockOutput": sum(e["value"] for e in io if e["op"] == "write"),
-    }
-
-
-def guest_stats(
-    sample: Callable[[], dict[str, Any]], pid: int, container_id: str, name: str
-) -> dict[str, Any]:
-    """Docker's stats document for a container inside a microVM: CPU, memory and pids from its cgroup
-    in the guest (`sample()`: the guest agent's `stats`, taken twice), the network from the host's
-    side of its NIC (the shim, `pid`, lives in the instance's network namespace)."""
-    cpus = os.cpu_count() or 1
-    first, pre_sys = sample(), system_cpu_ns()
-    time.sleep(SAMPLE_SECONDS)
-    second, sys_cpu = sample(), system_cpu_ns()
-    pre_cpu = int(first.get("cpu_usage_usec") or 0) * 1000
-    cpu = int(second.get("cpu_usage_usec") or 0) * 1000
-    usage = int(second.get("memory_current") or 0)
-    limit = second.get("memory_max")
-    if not isinstance(limit, int) or limit <= 0:  # no --memory: what the guest has
-        limit = int(second.get("mem_total") or 0)
-    nets = networks(pid) if pid else {}
-    d_cpu, d_sys = cpu - pre_cpu, sys_cpu - pre_sys
-    pids_doc = {"current": int(second.get("pids_current") or 0)}
-    if isinstance(second.get("pids_max"), int):
-        pids_doc["limit"] = int(second["pids_max"])
-    return {
-        "id": container_id,
-        "name": f"/{name}",
-        "read": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "cpu_stats": {"cpu_usage": {"total_usage": cpu}, "system_cpu_usage": sys_cpu, "online_cpus": cpus},
-        "precpu_stats": {
-            "cpu_usage": {"total_usage": pre_cpu},
-            "system_cpu_usage": pre_sys,
-            "online_cpus": cpus,
-        },
-        "memory_stats": {"usage": usage, "limit": limit, "stats": {}},
-        "pids_stats": pids_doc,
-        "blkio_stats": {"io_service_bytes_recursive": []},
-        "networks": nets,
-        "CPUPerc": (d_cpu / d_sys * cpus * 100.0) if d_sys > 0 and d_cpu > 0 else 0.0,
-        "MemUsage": usage,
-        "MemLimit": limit,
-        "MemPerc": (usage / limit * 100.0) if limit else 0.0,
-        "NetInput": sum(n["rx_bytes"] for n in nets.values()),
-        "NetOutput": sum(n["tx_bytes"] for n in nets.values()),
-        "BlockInput": 0,
-        "BlockOutput": 0,
     }
 
 

@@ -123,7 +123,7 @@ class MicrovmDriver:
             ensure_assets(assets_root())
         except VmmError as exc:
             raise IsolationError(f"cannot prepare the microVM guest assets: {exc}") from None
-        doc = ContainerDriver.config_for(ContainerDriver(self.runtime_root), cfg)
+        doc = ContainerDriver(self.runtime_root).config_for(cfg)
         doc.setdefault("annotations", {})["org.cocon.isolation"] = "microvm"
         return doc
 

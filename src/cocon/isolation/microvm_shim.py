@@ -288,6 +288,9 @@ class Shim:
         self.vm = self._restore(machine, assets.digest, network is not None, connect)
         self.restored = self.vm is not None
         if self.vm is None:  # a cold boot
+            for sock in held:  # a connection to a restore that failed
+                sock.close()
+            held.clear()
             self.vm = Qemu(machine, self.dir)
             self.vm.start()
             connect(self.vm)
@@ -628,14 +631,13 @@ class _Request:
                 self.shim.sel.unregister(self.conn)
                 self.conn.close()
             return
-        line, rest = self.data.split(b"\n", 1)
+        # one line per request; an exec's client sends its frames only after the reply
+        line = self.data.split(b"\n", 1)[0]
         self.shim.sel.unregister(self.conn)
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("not an object")
-            if request.get("op") == "exec":
-                request["_rest"] = rest
             reply = self.shim.handle(self.conn, request)
         except Exception as exc:
             reply = {"ok": False, "error": str(exc), "exit_code": getattr(exc, "exit_code", 125)}
