@@ -26,7 +26,7 @@ def test_create_list_inspect_remove(cocon_env: CoconEnv) -> None:
     anon = cocon_env("volume", "create").stdout.strip()
     assert len(anon) == 64
     lines = cocon_env("volume", "ls").stdout.splitlines()
-    assert lines[0].split() == ["DRIVER", "VOLUME", "NAME"]
+    assert lines[0].split() == ["DRIVER", "VOLUME", "NAME", "TYPE"]
     assert sorted(line.split()[1] for line in lines[1:]) == sorted(["data", anon])
     assert sorted(cocon_env("volume", "ls", "-q").stdout.split()) == sorted(["data", anon])
     rows = [json.loads(line) for line in cocon_env("volume", "ls", "--format", "json").stdout.splitlines()]

@@ -198,7 +198,7 @@ def test_volumes(capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _, fake = cli(capsys, "volume", "create", "--label", "a=1", "--label", "b=", "data")
     assert out == "data\n" and fake.calls == [("volume_create", ("data", {"a": "1", "b": ""}))]
     _, out, _, _ = cli(capsys, "volume", "ls")
-    assert out.splitlines() == ["DRIVER   VOLUME NAME", "local    data"]
+    assert out.splitlines() == ["DRIVER   VOLUME NAME   TYPE", "local    data          dir"]
     _, out, _, _ = cli(capsys, "volume", "ls", "--format", "json")
     assert json.loads(out)["Labels"] == "x=1"
     _, out, _, fake = cli(capsys, "volume", "rm", "-f", "a", "b")

@@ -269,9 +269,13 @@ class Client:
 
     # --- volumes -----------------------------------------------------------------------------------
     def volume_create(
-        self, name: str | None = None, *, labels: dict[str, str] | None = None
+        self,
+        name: str | None = None,
+        *,
+        labels: dict[str, str] | None = None,
+        driver_opts: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """`POST /volumes/create`."""
+        """`POST /volumes/create` (`driver_opts`: {"type": "disk", "size": "10G"} for a disk volume)."""
         raise NotImplementedError
 
     def volume_list(self) -> dict[str, Any]:

@@ -561,9 +561,15 @@ class HTTPClient(ContainerRequests):
 
     # --- volumes -----------------------------------------------------------------------------------
     def volume_create(
-        self, name: str | None = None, *, labels: dict[str, str] | None = None
+        self,
+        name: str | None = None,
+        *,
+        labels: dict[str, str] | None = None,
+        driver_opts: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         doc: dict[str, Any] = {"Driver": "local", "Labels": labels or {}}
+        if driver_opts:
+            doc["DriverOpts"] = driver_opts
         if name:
             doc["Name"] = name
         result: dict[str, Any] = self.call("POST", API_PREFIX + "/volumes/create", doc=doc)

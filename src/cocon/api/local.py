@@ -352,10 +352,14 @@ class LocalClient(Client):
 
     # --- volumes -----------------------------------------------------------------------------------
     def volume_create(
-        self, name: str | None = None, *, labels: dict[str, str] | None = None
+        self,
+        name: str | None = None,
+        *,
+        labels: dict[str, str] | None = None,
+        driver_opts: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         with _errors:
-            return self.engine.imageops.volume_create(name, labels)
+            return self.engine.imageops.volume_create(name, labels, driver_opts)
 
     def volume_list(self) -> dict[str, Any]:
         with _errors:

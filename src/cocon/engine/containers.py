@@ -251,7 +251,14 @@ class Containers:
                 if m["Type"] != "volume":
                     continue
                 vol, new = self._create_volume(m["Name"] or None)
+                if vol.type == "disk" and isolation != "vm":
+                    raise InvalidRequest(
+                        f"volume {vol.name} is a disk volume, and disk volumes attach to VMs only: use a "
+                        "directory volume with a container (or run it with --isolation vm)"
+                    )
                 m["Name"], m["Source"] = vol.name, vol.mountpoint
+                if vol.type == "disk":
+                    m["Disk"] = True  # a virtio disk of the VM (engine/vm_machines.py), not a mount
                 if new and m["Anonymous"]:
                     created_volumes.append(vol.name)
             for attempt in range(100):

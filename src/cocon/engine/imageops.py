@@ -412,11 +412,18 @@ class ImageOps:
         return {"Id": result.image_id, "RepoTags": names, "Warnings": list(result.warnings)}
 
     # --- volumes -----------------------------------------------------------------------------------
-    def volume_create(self, name: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
-        from cocon.storage.volumes import VolumeError
+    def volume_create(
+        self,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        driver_opts: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """`driver_opts`: {"type": "dir"|"disk", "size": "10G"} (cocon.storage.volumes.parse_driver_opts)."""
+        from cocon.storage.volumes import VolumeError, parse_driver_opts
 
         try:
-            vol, new = self.e.volumes.create(name, labels=labels)
+            kind, size = parse_driver_opts(driver_opts)
+            vol, new = self.e.volumes.create(name, labels=labels, type=kind, size=size)
         except VolumeError as exc:
             raise InvalidRequest(str(exc)) from None
         if new:

@@ -2,20 +2,25 @@
 
 Layout under the store's root (the engine's is `$COCON_ROOT/volumes`):
 
-    <name>/_data          what containers see at the mount's destination
-    <name>/volume.json    {"Name", "CreatedAt", "Labels", "Anonymous"}
+    <name>/_data          what containers see at the mount's destination (a directory volume)
+    <name>/disk.qcow2     the disk of a disk volume (`--type disk --size 10G`), instead of `_data`
+    <name>/volume.json    {"Name", "CreatedAt", "Labels", "Anonymous", "Type", "Size"}
     .tmp-<random>/        a volume being created (renamed to <name> when complete)
     .trash-<random>/      a volume being deleted (out of sight first, then removed)
     .lock                 flock(2): serialises create and remove between processes
 
-A volume appears complete (record and `_data`) or not at all: it is built in a temporary directory
-and renamed into place. Which containers use a volume is the engine's knowledge, not the store's:
-`remove` and `prune` take an `in_use` function, as the image store does.
+A volume appears complete (record and `_data` or `disk.qcow2`) or not at all: it is built in a
+temporary directory and renamed into place. Which containers use a volume is the engine's
+knowledge, not the store's: `remove` and `prune` take an `in_use` function, as the image store does.
 
 `populate` copies what an image has at a path into an empty volume, the way Docker fills a new
 volume from the image: the source is resolved inside the container's root filesystem (a symlink in
 the image can never make it copy host files), and ownership, modes, times, symlinks, device nodes and
 hard links are kept.
+
+A disk volume is a qcow2 image that VMs attach as a block device (cocon.storage.qemu_img makes it);
+containers cannot mount it and nothing copies files into it. A record without "Type" (made before
+disk volumes existed) is a directory volume.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ if TYPE_CHECKING:
 
 RECORD = "volume.json"
 DATA = "_data"
+DISK = "disk.qcow2"
+TYPES = ("dir", "disk")
+DRIVER_OPTS = ("type", "size")
 _NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _NAME_REST = _NAME_FIRST + "_.-"
 
@@ -58,20 +66,30 @@ class Volume:
     """One volume as stored."""
 
     name: str
-    mountpoint: str  # the `_data` directory
+    mountpoint: str  # the `_data` directory; for a disk volume its disk image
     created: str  # RFC 3339, UTC
     labels: dict[str, str]
     anonymous: bool
+    type: str = "dir"  # "dir" or "disk"
+    size: int | None = None  # bytes of a disk volume's disk (None for a directory volume)
+
+    @property
+    def disk_path(self) -> str | None:
+        """The qcow2 image of a disk volume (None for a directory volume)."""
+        return self.mountpoint if self.type == "disk" else None
 
     def to_docker(self) -> dict[str, object]:
         """The shape of Docker's `GET /volumes/{name}`."""
+        options: dict[str, str] = {}
+        if self.type == "disk":
+            options = {"type": "disk", "size": str(self.size)}
         return {
             "CreatedAt": self.created,
             "Driver": "local",
             "Labels": dict(self.labels),
             "Mountpoint": self.mountpoint,
             "Name": self.name,
-            "Options": {},
+            "Options": options,
             "Scope": "local",
         }
 
@@ -103,6 +121,30 @@ def is_volume_name(text: str) -> bool:
 
 def anonymous_name() -> str:
     return os.urandom(32).hex()
+
+
+def parse_driver_opts(opts: dict[str, str] | None) -> tuple[str | None, int | None]:
+    """(type, size in bytes) from the driver options of `POST /volumes/create` (`type`: dir or disk;
+    `size`: e.g. 10G, required for a disk). Unknown keys or values are refused."""
+    opts = opts or {}
+    unknown = sorted(set(opts) - set(DRIVER_OPTS))
+    if unknown:
+        raise VolumeError(
+            f"unsupported volume driver option(s) {', '.join(unknown)}: cocon's local driver takes "
+            "type=dir|disk and size=SIZE (for type=disk); other driver options are not supported"
+        )
+    kind = opts.get("type") or None
+    if kind is not None and kind not in TYPES:
+        raise VolumeError(
+            f"unknown volume type {kind!r}: use type=dir (a directory) or type=disk (a qcow2 disk for "
+            "VMs); other driver options are not supported (no tmpfs, nfs, bind devices)"
+        )
+    size: int | None = None
+    if opts.get("size"):
+        from cocon.storage.qemu_img import parse_size
+
+        size = parse_size(opts["size"])
+    return kind, size
 
 
 class VolumeStore:
@@ -144,12 +186,16 @@ class VolumeStore:
                 f"remove the volume with `cocon volume rm -f {name}`"
             ) from None
         labels = raw.get("Labels") or {}
+        kind = str(raw.get("Type") or "dir")
+        size = raw.get("Size")
         return Volume(
             name=name,
-            mountpoint=os.path.join(home, DATA),
+            mountpoint=os.path.join(home, DISK if kind == "disk" else DATA),
             created=str(raw.get("CreatedAt", "")),
             labels={str(k): str(v) for k, v in labels.items()},
             anonymous=bool(raw.get("Anonymous", False)),
+            type=kind,
+            size=int(size) if kind == "disk" and isinstance(size, int) else None,
         )
 
     def get(self, name: str) -> Volume:
@@ -174,11 +220,30 @@ class VolumeStore:
 
     # --- creating --------------------------------------------------------------------------------
     def create(
-        self, name: str | None = None, *, labels: dict[str, str] | None = None, anonymous: bool = False
+        self,
+        name: str | None = None,
+        *,
+        labels: dict[str, str] | None = None,
+        anonymous: bool = False,
+        type: str | None = None,
+        size: int | None = None,
     ) -> tuple[Volume, bool]:
         """Create a volume (a random 64-hex name when `name` is None); (volume, True if it is new).
+        `type`: "dir" (the default for a new volume) or "disk" (a qcow2 disk of `size` bytes, for VMs;
+        `size` is required then).
 
-        Creating a volume that exists returns it unchanged, as `docker volume create` does."""
+        Creating a volume that exists returns it unchanged, as `docker volume create` does (an
+        explicit `type` that differs from the existing volume's is an error)."""
+        if type is not None and type not in TYPES:
+            raise VolumeError(
+                f"unknown volume type {type!r}: use dir (a directory) or disk (a qcow2 disk for VMs)"
+            )
+        if type == "disk" and size is None:
+            raise VolumeError("a disk volume needs a size: give --size, e.g. --size 10G")
+        if type != "disk" and size is not None:
+            raise VolumeError("--size applies to disk volumes only: add --type disk")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise VolumeError(f"invalid disk volume size {size!r}: give a size such as 10G")
         if name is None:
             name = anonymous_name()
             anonymous = True
@@ -186,24 +251,39 @@ class VolumeStore:
         lock = self._lock()
         try:
             if self.exists(name):
-                return self._load(name), False
+                vol = self._load(name)
+                if type is not None and vol.type != type:
+                    raise VolumeError(
+                        f"volume {name} already exists as a {vol.type} volume: remove it first "
+                        f"(`cocon volume rm {name}`) or choose another name"
+                    )
+                return vol, False
             temp = os.path.join(self.root, f".tmp-{os.urandom(8).hex()}")
             try:
                 os.mkdir(temp, 0o700)
-                os.mkdir(os.path.join(temp, DATA), 0o755)
-                os.chmod(os.path.join(temp, DATA), 0o755)
-                doc = {
+                doc: dict[str, object] = {
                     "Name": name,
                     "CreatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "Labels": dict(labels or {}),
                     "Anonymous": anonymous,
                 }
+                if type == "disk":
+                    from cocon.storage import qemu_img
+
+                    qemu_img.create(os.path.join(temp, DISK), size, fmt="qcow2")
+                    doc["Type"], doc["Size"] = "disk", size
+                else:
+                    os.mkdir(os.path.join(temp, DATA), 0o755)
+                    os.chmod(os.path.join(temp, DATA), 0o755)
                 with open(os.path.join(temp, RECORD), "w") as f:
                     f.write(_fastjson.dumps(doc))
                 os.rename(temp, self._dir(name))
             except OSError as exc:
                 _remove_tree(temp)
                 raise VolumeError(f"cannot create volume {name} in {self.root}: {exc.strerror}") from None
+            except VolumeError:
+                _remove_tree(temp)
+                raise
             return self._load(name), True
         finally:
             os.close(lock)
@@ -265,7 +345,16 @@ class VolumeStore:
             _remove_tree(os.path.join(self.root, n))
 
     # --- filling ---------------------------------------------------------------------------------
+    def _refuse_disk(self, name: str, what: str) -> None:
+        vol = self._load(name)
+        if vol.type == "disk":
+            raise VolumeError(
+                f"volume {name} is a disk volume: {what}; disk volumes attach to VMs only "
+                "(use a directory volume to share files with containers)"
+            )
+
     def is_empty(self, name: str) -> bool:
+        self._refuse_disk(name, "it has no directory to look into")
         try:
             with os.scandir(self.data_dir(name)) as it:
                 return next(it, None) is None
@@ -278,6 +367,7 @@ class VolumeStore:
         """Copy what `rootfs` (a container's root, e.g. a mounted snapshot) has at `path` into the
         volume if the volume is empty, as Docker does for a new volume. Returns True if anything was
         copied. `path` is resolved inside `rootfs`; a missing path or a non-directory copies nothing."""
+        self._refuse_disk(name, "files from the image cannot be copied into it")
         if not self.is_empty(name):
             return False
         return copy_tree_in_root(rootfs, path, self.data_dir(name))

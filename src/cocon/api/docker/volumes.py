@@ -1,5 +1,5 @@
 """Volume routes: list (with filters), create, inspect, remove, prune — through the engine's
-`ImageOps.volume_*` (cocon.storage.volumes: local directories)."""
+`ImageOps.volume_*` (cocon.storage.volumes: local directories, and qcow2 disks for VMs)."""
 
 from __future__ import annotations
 
@@ -66,14 +66,10 @@ async def create_volume(request: web.Request) -> web.StreamResponse:
     if driver != "local":
         raise bad_request(f"volume driver {driver!r} is not supported: cocon has the local driver only")
     opts = string_map(body.get("DriverOpts"), "DriverOpts")
-    if opts:
-        raise bad_request(
-            "volume driver options are not supported yet: cocon's local volumes are plain directories "
-            "(no type=tmpfs/nfs, o=, device=)"
-        )
     labels = string_map(body.get("Labels"), "Labels")
     name = body.get("Name") or None
-    doc = await ctx_of(request).call(lambda e: e.imageops.volume_create(name, labels))
+    # DriverOpts {"type": "disk", "size": "10G"}: a disk volume for VMs; other keys are refused (400)
+    doc = await ctx_of(request).call(lambda e: e.imageops.volume_create(name, labels, opts or None))
     return json_response(doc, 201)
 
 
