@@ -76,6 +76,7 @@ LAUNCHER
 fi
 # Offline Debian packages for the tests' debian:bookworm image.
 scripts/debian-tarball.sh
+scripts/debian-vm-tarball.sh
 
 # Byte-compile cocon so that no command pays for compiling it (PYTHONDONTWRITEBYTECODE may be set;
 # the launchers above write fresh bytecode anyway for modules edited later).
