@@ -50,8 +50,8 @@ def test_run_with_stdin(daemon: Daemon) -> None:
 
 
 def test_refused_options(daemon: Daemon) -> None:
-    out = docker(daemon, "run", "--rm", "--isolation", "vm", "busybox", "true", check=False)
-    assert out.returncode == 125 and "isolation 'vm' is not available yet" in out.stderr
+    out = docker(daemon, "run", "--rm", "--isolation", "jail", "busybox", "true", check=False)
+    assert out.returncode == 125 and "unknown isolation 'jail'" in out.stderr
     out = docker(daemon, "run", "--rm", "--privileged", "busybox", "true", check=False)
     assert out.returncode == 125 and "Privileged" in out.stderr
 

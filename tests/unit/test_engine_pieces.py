@@ -186,8 +186,8 @@ def test_local_client_answers_with_api_errors(tmp_path: Any) -> None:
             client.volume_create("x")
         assert info.value.status == 400 and "invalid volume name" in str(info.value)
         with pytest.raises(APIError) as info:
-            client.container_create({"Image": "busybox", "HostConfig": {"Isolation": "vm"}})
-        assert info.value.status == 400 and "not available yet" in str(info.value)
+            client.container_create({"Image": "busybox", "HostConfig": {"Isolation": "jail"}})
+        assert info.value.status == 400 and "unknown isolation 'jail'" in str(info.value)
         assert client.volume_create("data")["Name"] == "data"
         assert [v["Name"] for v in client.volume_list()["Volumes"]] == ["data"]
         with pytest.raises(APIError) as info:

@@ -127,8 +127,8 @@ def test_disks_shares_and_the_agent_channel_on_microvm(kernel: str, tmp_path: st
         f"socket,id=agent,path={tmp_path}/agent.sock,server=on,wait=off",
     ]
     assert _all(cmd, "-device") == [
-        "virtio-blk-device,drive=disk0",
-        "virtio-blk-device,drive=disk1",
+        "virtio-blk-device,drive=disk0,id=disk0-dev",
+        "virtio-blk-device,drive=disk1,id=disk1-dev",
         "virtio-9p-device,fsdev=fs0,mount_tag=rootfs",
         "virtio-9p-device,fsdev=fs1,mount_tag=vol0",
         "virtio-serial-device,id=agent-serial",
@@ -151,7 +151,7 @@ def test_q35_gets_pci_devices(kernel: str, tmp_path: str) -> None:
     )
     devices = _all(build_command(config, "/q", "/c"), "-device")
     assert devices[:3] == [
-        "virtio-blk-pci,drive=disk0",
+        "virtio-blk-pci,drive=disk0,id=disk0-dev",
         "virtio-9p-pci,fsdev=fs0,mount_tag=t",
         "virtio-serial-pci,id=agent-serial",
     ]

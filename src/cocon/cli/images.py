@@ -68,10 +68,14 @@ def register(sub: Any) -> None:
                    help="apply a Dockerfile instruction to the config (CMD, ENV, WORKDIR, …)")  # fmt: skip
     p.add_argument("-m", "--message", help="commit message for the image's history")
     p.set_defaults(func=cmd_import)
-    p = isub.add_parser("bootstrap", help="make a base image here: busybox or debian[:SUITE]")
-    p.add_argument(
-        "what", metavar="busybox|debian[:SUITE]", help="busybox (from busybox-static) or debian:bookworm"
+    p = isub.add_parser(
+        "bootstrap", help="make a base image here: busybox, debian[:SUITE] or debian-vm[:SUITE]"
     )
+    p.add_argument(
+        "what", metavar="busybox|debian[:SUITE]|debian-vm[:SUITE]",
+        help="busybox (from busybox-static), debian:bookworm, or debian-vm:bookworm (Debian with a kernel, "
+        "systemd, DHCP and a serial console: boots with cocon run --isolation vm, docs/vm.md)",
+    )  # fmt: skip
     p.add_argument("--mirror", metavar="URL", help="Debian mirror (default: this machine's apt sources)")
     p.add_argument(
         "--tarball",

@@ -135,8 +135,9 @@ FLAGS: tuple[tuple[tuple[str, ...], str, str, str | None, str], ...] = (
         "isolation",
         "value",
         "LEVEL",
-        "isolation level: container (alias process, the default) or microvm (alias hyperv: the container "
-        "in its own VM and kernel, docs/microvm.md); vm comes later",
+        "isolation level: container (alias process, the default), microvm (alias hyperv: the container "
+        "in its own VM and kernel, docs/microvm.md) or vm (a full VM booted from the image with its own "
+        "init and persistent disk, docs/vm.md)",
     ),
     (
         ("--network", "--net"),

@@ -692,7 +692,12 @@ class Containers:
         except Exception as exc:
             raise EngineError(f"cannot remove container {rec.name}: {exc}") from None
         try:
-            self.e.snapshotter.remove(rec.snapshot)
+            if rec.image:  # a VM made from a disk has no snapshot
+                self.e.snapshotter.remove(rec.snapshot)
+            if rec.isolation == "vm":
+                from cocon.engine import vm_machines
+
+                vm_machines.remove_instance(self.e, rec)  # its disk: a VM is a pet until removed
         except Exception as exc:
             raise EngineError(f"cannot remove container {rec.name}: {exc}") from None
         _network_down(self.e, rec)
@@ -825,6 +830,8 @@ def _oci_mounts(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runtime-spec mounts, parents before children (Docker sorts by path depth)."""
     out = []
     for m in sorted(mounts, key=lambda m: m["Destination"].count("/")):
+        if m.get("Disk"):
+            continue  # a disk volume: the VM gets it as a disk
         if m["Type"] == "tmpfs":
             out.append({"destination": m["Destination"], "type": "tmpfs", "source": "tmpfs",
                         "options": list(m.get("Options") or [])})  # fmt: skip

@@ -149,10 +149,15 @@ class Engine:
 
                 self._drivers[isolation] = MicrovmDriver(os.path.join(self.run_dir, "vm"))
                 return self._drivers[isolation]
+            if isolation == "vm":
+                from cocon.isolation.vm import VmDriver
+
+                self._drivers[isolation] = VmDriver(os.path.join(self.run_dir, "vms"))
+                return self._drivers[isolation]
             if isolation != "container":
                 raise InvalidRequest(
-                    f"isolation {isolation!r} is not available yet: use --isolation container (alias "
-                    "process) or microvm (alias hyperv)"
+                    f"isolation {isolation!r} is not available: use container (alias process), microvm "
+                    "(alias hyperv) or vm"
                 )
             from cocon.isolation.container import ContainerDriver
 

@@ -356,7 +356,18 @@ class ImageOps:
                 raise InvalidRequest("--tarball only applies to debian images")
             kw["tarball"] = tarball
         try:
-            image = bootstrap(self.e.images, what, **kw)
+            if what.partition(":")[0] == "debian-vm":  # Debian with a kernel and systemd, for --isolation vm
+                from cocon.vmm.guest_images import bootstrap_debian_vm
+                from cocon.vmm.errors import VmmError
+
+                suite = what.partition(":")[2] or "bookworm"
+                name = f"debian-vm:{suite}"
+                try:
+                    image = bootstrap_debian_vm(self.e.images, name, suite=suite, **kw)
+                except VmmError as exc:
+                    raise InvalidRequest(str(exc)) from None
+            else:
+                image = bootstrap(self.e.images, what, **kw)
         except ImageError as exc:
             raise InvalidRequest(str(exc)) from None
         return self._image_summary(image, "import")

@@ -325,9 +325,15 @@ class Supervisor:
         driver = self.e.driver(rec.isolation)
         driver.settle()  # a warm-up of an in-process create (LocalClient) must be gone before we fork
         _remove(self.exit_file(rec.id))
-        rootfs = ct._mount(rec)
+        disk_vm = rec.isolation == "vm" and not rec.image  # `cocon vm create`: a disk, no image
+        rootfs = "" if disk_vm else ct._mount(rec)
         try:
-            if first_start:
+            machine = None
+            if rec.isolation == "vm":
+                from cocon.engine import vm_machines
+
+                machine = vm_machines.prepare(self.e, rec, None if disk_vm else rootfs)
+            if first_start and not disk_vm:
                 ct._populate_volumes(rec, rootfs)
             network, net_mounts = netattach.up(self.e, rec)  # networking: netns joined by path, /etc files
             limits = cfg["Limits"]
@@ -338,12 +344,13 @@ class Supervisor:
             }
             icfg = InstanceConfig(
                 id=rec.id, state_dir=bundle, rootfs=rootfs, image_id=rec.image,
-                image_config=ct._config_blob(rec.image), process=process, hostname=cfg["Hostname"],
+                image_config=b"{}" if disk_vm else ct._config_blob(rec.image), process=process,
+                hostname=cfg["Hostname"],
                 terminal=bool(body.get("Tty")), read_only=limits["ReadonlyRootfs"],
                 mounts=C._oci_mounts(cfg["Mounts"]) + net_mounts, cap_add=limits["CapAdd"],
                 cap_drop=limits["CapDrop"], seccomp=cfg["Seccomp"], memory=limits["Memory"],
                 memory_swap=limits["MemorySwap"], cpus=limits["Cpus"], pids_limit=limits["PidsLimit"],
-                network=network, cgroups_path=None,
+                network=network, cgroups_path=None, machine=machine,
             )  # fmt: skip
             config_for = getattr(driver, "config_for", None)
             if config_for is None:
@@ -355,7 +362,8 @@ class Supervisor:
                 size = (body.get("HostConfig") or {}).get("ConsoleSize")
                 if body.get("Tty") and isinstance(size, list) and _console_size_ok(size):
                     doc["process"]["consoleSize"] = {"height": size[0], "width": size[1]}  # from the start
-                make_workdir(rootfs, doc["process"].get("cwd") or "/")
+                if rootfs:
+                    make_workdir(rootfs, doc["process"].get("cwd") or "/")
             except IsolationError as exc:
                 raise StartFailed(str(exc), exc.exit_code) from None
             os.makedirs(bundle, 0o700, exist_ok=True)

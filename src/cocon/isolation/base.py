@@ -88,6 +88,9 @@ class InstanceConfig:
     pids_limit: int | None
     network: str  # "none" (own empty network namespace) or "host"
     cgroups_path: str | None
+    #: Full VMs only: the machine the engine prepared (disks, boot mode, firmware, size); see
+    #: cocon.isolation.vm.MACHINE_KEYS. None for the other levels.
+    machine: dict[str, Any] | None = None
 
 
 @record

@@ -125,7 +125,7 @@ def control(root: str, cid: str, request: dict[str, Any], timeout: float = 30.0)
             sock.connect(path)
         except OSError as exc:
             raise ShimError(
-                f"microVM {cid[:12]} is not running (its shim does not answer: {exc.strerror})"
+                f"VM {cid[:12]} is not running (its shim does not answer: {exc.strerror})"
             ) from None
         sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
@@ -135,17 +135,13 @@ def control(root: str, cid: str, request: dict[str, Any], timeout: float = 30.0)
                 break
             data += chunk
     except TimeoutError:
-        raise ShimError(
-            f"microVM {cid[:12]} did not answer {request.get('op')} within {timeout:g} s"
-        ) from None
+        raise ShimError(f"VM {cid[:12]} did not answer {request.get('op')} within {timeout:g} s") from None
     finally:
         sock.close()
     try:
         reply: dict[str, Any] = json.loads(data)
     except ValueError:
-        raise ShimError(
-            f"microVM {cid[:12]} closed the control connection during {request.get('op')}"
-        ) from None
+        raise ShimError(f"VM {cid[:12]} closed the control connection during {request.get('op')}") from None
     if not reply.get("ok"):
         raise ShimError(
             str(reply.get("error") or "the shim refused the request"), int(reply.get("exit_code", 125))
@@ -182,10 +178,10 @@ def _kill_vm(doc: dict[str, Any]) -> None:
 def delete(root: str, cid: str, *, force: bool = False) -> None:
     doc = _read_state(root, cid)
     directory = state_dir(root, cid)
-    if doc and _alive(int(doc.get("pid") or 0), doc.get("pid_start")):
-        if not force:
-            raise ShimError(f"microVM {cid[:12]} is running: stop it first or delete with --force")
-        _kill_vm(doc)
+    if doc and _alive(int(doc.get("pid") or 0), doc.get("pid_start")) and not force:
+        raise ShimError(f"VM {cid[:12]} is running: stop it first or delete with --force")
+    if doc:
+        _kill_vm(doc)  # also a QEMU whose shim was killed
         deadline = time.monotonic() + 5
         while _alive(int(doc.get("pid") or 0), doc.get("pid_start")) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -817,11 +813,16 @@ def _run(*argv: str) -> str:
 # --- the command line ----------------------------------------------------------------------------
 
 
-def _create(root: str, cid: str, bundle: str, pid_file: str | None, console_socket: str | None) -> int:
+def _create(
+    root: str, cid: str, bundle: str, pid_file: str | None, console_socket: str | None,
+    shim_class: type[Shim] | None = None,
+) -> int:  # fmt: skip
+    """Fork the shim (`shim_class`: Shim, or the full VM's), wait until it set the VM up, write the
+    pid file; the shim's error otherwise, with nothing left behind."""
     directory = state_dir(root, cid)
     old = _read_state(root, cid)
     if old and _alive(int(old.get("pid") or 0), old.get("pid_start")):
-        raise ShimError(f"microVM {cid} exists already")
+        raise ShimError(f"VM {cid} exists already")
     os.makedirs(directory, 0o700, exist_ok=True)
     rd, wr = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -830,7 +831,7 @@ def _create(root: str, cid: str, bundle: str, pid_file: str | None, console_sock
         code = 1
         try:
             os.setsid()
-            shim = Shim(root, cid, bundle, console_socket, wr)
+            shim = (shim_class or Shim)(root, cid, bundle, console_socket, wr)
             try:
                 shim.setup()
                 if shim.terminal:
@@ -846,7 +847,7 @@ def _create(root: str, cid: str, bundle: str, pid_file: str | None, console_sock
             os.close(wr)
             code = shim.serve()
         except BaseException as exc:
-            _write_all(2, f"cocon: the microVM shim failed: {exc}\n".encode())
+            _write_all(2, f"cocon: the VM's shim failed: {exc}\n".encode())
             code = 255
         finally:
             sys.stdout.flush()
@@ -875,7 +876,7 @@ def _create(root: str, cid: str, bundle: str, pid_file: str | None, console_sock
     if data.startswith(b"error "):
         doc = json.loads(data[6:])
         raise ShimError(str(doc["error"]), int(doc.get("exit_code", 125)))
-    raise ShimError("the microVM shim ended before the container was created")
+    raise ShimError("the VM's shim ended before the instance was created")
 
 
 def _terminal(shim: Shim, console_socket: str | None) -> int:
@@ -912,7 +913,7 @@ def _exec(root: str, cid: str, args: Any) -> int:
 
     doc = _read_state(root, cid)
     if not doc or not _alive(int(doc.get("pid") or 0), doc.get("pid_start")):
-        raise ShimError(f"microVM {cid[:12]} is not running")
+        raise ShimError(f"VM {cid[:12]} is not running")
     process = _exec_process(doc, args)
     terminal = bool(args.tty)
     interactive = (not os.isatty(0) and _pollable(0)) or terminal
@@ -924,7 +925,7 @@ def _exec(root: str, cid: str, args: Any) -> int:
     while not line.endswith(b"\n"):
         chunk = sock.recv(1)
         if not chunk:
-            raise ShimError("the microVM's shim closed the connection")
+            raise ShimError("the VM's shim closed the connection")
         line += chunk
     reply = json.loads(line)
     if not reply.get("ok"):
@@ -1031,11 +1032,11 @@ def _exec_process(doc: dict[str, Any], args: Any) -> dict[str, Any]:
     return process
 
 
-def _parser() -> Any:
+def _parser(prog: str = "cocon-microvm-runtime", kind: str = "microVMs") -> Any:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="cocon-microvm-runtime", description="runc's command line for cocon microVMs (used by conmon)"
+        prog=prog, description=f"runc's command line for cocon {kind} (used by conmon)"
     )
     p.add_argument("--root", default="/run/cocon/vm", help="state directory")
     p.add_argument("--log", help="ignored (errors go to stderr)")
@@ -1082,15 +1083,22 @@ def _parser() -> Any:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    *,
+    prog: str = "cocon-microvm-runtime",
+    shim_class: type[Shim] | None = None,
+) -> int:
+    """The runtime's command line; `prog` and `shim_class` make it the full VM's (cocon.isolation.vm_shim)."""
     from cocon.runtime.container import parse_signal
 
-    args = _parser().parse_args(argv)
+    args = _parser(prog, "microVMs" if shim_class is None else "VMs").parse_args(argv)
     root = args.root
     try:
         cmd = args.command
         if cmd == "create":
-            return _create(root, args.id, os.path.abspath(args.bundle), args.pid_file, args.console_socket)
+            bundle = os.path.abspath(args.bundle)
+            return _create(root, args.id, bundle, args.pid_file, args.console_socket, shim_class)
         if cmd == "start":
             control(root, args.id, {"op": "start"}, timeout=60)
         elif cmd == "state":
@@ -1109,13 +1117,13 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "exec":
             return _exec(root, args.id, args)
     except IsolationError as exc:
-        print(f"cocon-microvm-runtime: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            print(f"cocon-microvm-runtime: error: {exc.filename}: no such file", file=sys.stderr)
+            print(f"{prog}: error: {exc.filename}: no such file", file=sys.stderr)
         else:
-            print(f"cocon-microvm-runtime: error: {exc}", file=sys.stderr)
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     return 0
 

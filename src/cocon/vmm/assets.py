@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 #: Bump when the build below changes what it produces for the same packages and init script.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 #: Kernel modules the guest loads at boot (in this order), with their dependencies. In Debian's
 #: generic kernel these are modules (the ones built in are skipped): virtio transports (mmio for
@@ -97,6 +97,9 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "button",
     "evdev",
 )
+#: Modules in the initramfs that only a full VM's boot loads (`cocon.vm=` on the command line, see
+#: guest/init): ext4 for the VM's root disk, qemu_fw_cfg for the run configuration QEMU hands in.
+VM_MODULES: tuple[str, ...] = ("ext4", "qemu_fw_cfg")
 
 #: Debian's generic kernel flavour: the cloud flavour has no 9p (CONFIG_NET_9P is not set).
 KERNEL_PACKAGE = "linux-image-amd64"
@@ -159,6 +162,7 @@ class Recipe:
     kernel_package: str = KERNEL_PACKAGE
     busybox_package: str = BUSYBOX_PACKAGE
     modules: tuple[str, ...] = DEFAULT_MODULES
+    vm_modules: tuple[str, ...] = VM_MODULES
     #: Path of the guest init script; None: cocon's own (cocon/vmm/guest/init).
     init_script: str | None = None
     utility_packages: tuple[str, ...] = UTILITY_PACKAGES
@@ -443,7 +447,7 @@ def resolve_inputs(recipe: Recipe | None = None, *, cache_dir: str | None = None
         kernel_version=str(kernel[1]),
         busybox_package=recipe.busybox_package,
         busybox_version=str(resolved["busybox"]),
-        modules=tuple(recipe.modules),
+        modules=tuple(recipe.modules) + tuple(f"vm:{m}" for m in recipe.vm_modules),
         init_sha256=init_sha,
         utility_packages=tuple((str(n), str(v)) for n, v in utility),
         sources_sha256=sources_sha,
@@ -780,6 +784,7 @@ def _make_initramfs(
         with open(recipe.init_path(), "rb") as f:
             cpio.file("init", f.read(), 0o755)
         cpio.file("etc/cocon/modules", "".join(f"{m}\n" for m in recipe.modules).encode())
+        cpio.file("etc/cocon/modules-vm", "".join(f"{m}\n" for m in recipe.vm_modules).encode())
         cpio.directory("lib")
         cpio.directory("lib/modules")
         cpio.tree(moddir, f"lib/modules/{release}")
@@ -1020,7 +1025,8 @@ def _build(base: str, inputs: Inputs, recipe: Recipe, progress: Progress | None)
             raise AssetError(f"{inputs.busybox_package} has no /bin/busybox")
 
         _report(progress, "modules", 0, 1)
-        modules, builtin = _module_closure(kernel_tree, release, inputs.modules)
+        wanted = [m.removeprefix("vm:") for m in inputs.modules]
+        modules, builtin = _module_closure(kernel_tree, release, wanted)
         _report(progress, "modules", 1, 1)
         _report(progress, "initramfs", 0, 1)
         initrd, modules = _make_initramfs(work, kernel_tree, release, busybox, modules, recipe)

@@ -71,7 +71,7 @@ VM_PACKAGES = (
     "cloud-init",
     "python3-cffi-backend",  # provides python3-cffi-backend-api-*: debootstrap resolves no virtual package
 )
-DEFAULT_VM_IMAGE = "cocon-test/debian-vm:bookworm"
+DEFAULT_VM_IMAGE = "debian-vm:bookworm"
 #: The file system label of the root file system of cocon's VM disks (whole-disk images and these).
 ROOT_LABEL = "cocon-root"
 #: Modules the guest's initramfs must hold to find an ext4 root on virtio-blk.

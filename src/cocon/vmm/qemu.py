@@ -119,10 +119,19 @@ def _opt(value: str) -> str:
 
 @dataclass(frozen=True)
 class Disk:
-    """A raw disk image or block device, given to the guest as a virtio-blk disk."""
+    """A disk image or block device, given to the guest as a virtio-blk disk (or, with `cdrom`, as
+    a SATA CD-ROM on q35: installer and live ISOs boot from there)."""
 
     path: str
     readonly: bool = True
+    format: str = "raw"  # or "qcow2"
+    cdrom: bool = False
+    #: The virtio-blk serial number: the guest's /dev/disk/by-id/virtio-<serial> (at most 20 bytes).
+    serial: str | None = None
+    #: The QEMU id of the drive (for hot-unplug and snapshots); None: diskN by position.
+    node: str | None = None
+    #: Firmware boot order (1 first); None: not a boot device of its own.
+    bootindex: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +148,8 @@ class Share:
 class MachineConfig:
     """One VM: what to boot and on what."""
 
-    kernel: str
+    #: The kernel to boot directly; None: the firmware boots from the disks (full VMs).
+    kernel: str | None
     initrd: str | None = None
     cmdline: str = ""  # appended to BASE_CMDLINE
     machine: str = "microvm"  # or "q35"
@@ -158,6 +168,20 @@ class MachineConfig:
     #: Further arguments (drives, -device …, -chardev …); use virtio_device() for device names.
     extra_args: tuple[str, ...] = ()
     binary: str = QEMU_BINARY
+    #: Serial ports as Unix socket servers (ttyS0, ttyS1, …) whose host ends a process connects to;
+    #: the first one's output is also logged to the console log. Empty: ttyS0 written to the log only.
+    serial_sockets: tuple[str, ...] = ()
+    #: True: a guest reset reboots it (a full VM); False: it ends QEMU (-no-reboot).
+    reboot: bool = False
+    #: Start with the vCPUs stopped (-S): QMP `cont` runs the guest.
+    paused: bool = False
+    #: `-incoming` (a migration target: "defer", "tcp:HOST:PORT", "unix:PATH", "exec:CMD").
+    incoming: str | None = None
+    #: QEMU firmware config items (name, host file): the guest reads
+    #: /sys/firmware/qemu_fw_cfg/by_name/<name>/raw (module qemu_fw_cfg). Names start with "opt/".
+    fw_cfg: tuple[tuple[str, str], ...] = ()
+    #: The guest kernel's console device (console= on its command line).
+    console: str = "ttyS0"
 
     def validate(self) -> None:
         if self.machine not in MACHINES:
@@ -171,7 +195,21 @@ class MachineConfig:
         for path in (self.kernel, self.initrd):
             if path is not None and not os.path.isfile(path):
                 raise QemuError(f"{path} does not exist: build the guest assets (cocon.vmm.assets)")
+        if self.kernel is None and self.initrd is not None:
+            raise QemuError("an initrd needs a kernel: give both or neither")
+        for name, path in self.fw_cfg:
+            if not name.startswith("opt/") or "," in name:
+                raise QemuError(f"the fw_cfg name {name!r} must start with 'opt/' and have no comma")
+            if not os.path.isfile(path):
+                raise QemuError(f"the fw_cfg file {path} does not exist")
+        for sock in self.serial_sockets:
+            if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+                raise QemuError(f"the serial socket path {sock} is too long for a Unix socket")
         for disk in self.disks:
+            if disk.format not in ("raw", "qcow2"):
+                raise QemuError(f"the disk {disk.path} has format {disk.format!r}: use raw or qcow2")
+            if disk.cdrom and self.machine != "q35":
+                raise QemuError("a CD-ROM needs the q35 machine")
             try:
                 mode = os.stat(disk.path).st_mode
             except OSError as exc:
@@ -205,13 +243,20 @@ class MachineConfig:
         """The -drive/-fsdev/-chardev/-device arguments for the disks, shares and agent channel."""
         args: list[str] = []
         for n, disk in enumerate(self.disks):
-            readonly = "on" if disk.readonly else "off"
-            args += [
-                "-drive",
-                f"if=none,id=disk{n},file={_opt(disk.path)},format=raw,readonly={readonly}",
-                "-device",
-                f"{virtio_device(self.machine, 'blk')},drive=disk{n}",
-            ]
+            node = disk.node or f"disk{n}"
+            readonly = "on" if disk.readonly or disk.cdrom else "off"
+            media = ",media=cdrom" if disk.cdrom else ""
+            args += ["-drive", f"if=none,id={node},file={_opt(disk.path)},format={disk.format},"
+                     f"readonly={readonly}{media}"]  # fmt: skip
+            device = "ide-cd,bus=ide.0" if disk.cdrom else virtio_device(self.machine, "blk")
+            device += f",drive={node},id={node}-dev"
+            if disk.serial and not disk.cdrom:
+                device += f",serial={_opt(disk.serial)}"
+            if disk.bootindex is not None:
+                device += f",bootindex={disk.bootindex}"
+            args += ["-device", device]
+        for name, path in self.fw_cfg:
+            args += ["-fw_cfg", f"name={name},file={_opt(path)}"]
         for n, share in enumerate(self.shares):
             fsdev = f"local,id=fs{n},path={_opt(share.path)},security_model=passthrough,multidevs=remap"
             if share.readonly:
@@ -241,7 +286,9 @@ def build_command(config: MachineConfig, qmp_socket: str, serial_log: str) -> li
     # power button (system_powerdown) and power-off. No option ROMs. The RTC stays: without it the
     # guest kernel boots ~1.8 s slower under TCG; pit/pic stay: TCG guests need a timer.
     machine = "microvm,x-option-roms=off" if config.machine == "microvm" else "q35"
-    base = BASE_CMDLINE
+    # -nographic also makes SeaBIOS print on the serial console: wanted when the firmware boots the
+    # guest (its menus, GRUB's), not when QEMU boots a kernel whose console output is the program's.
+    base = BASE_CMDLINE.replace("console=ttyS0", f"console={config.console}")
     khz = host_tsc_khz() if config.accel == "tcg" and "tsc_early_khz=" not in config.cmdline else None
     if khz is not None:
         base += f" tsc_early_khz={khz}"
@@ -260,21 +307,37 @@ def build_command(config: MachineConfig, qmp_socket: str, serial_log: str) -> li
         str(config.cpus),
         "-nodefaults",
         "-no-user-config",
-        "-nographic",
-        "-no-reboot",
+        *(("-nographic",) if config.kernel is None or config.machine == "microvm" else ("-display", "none")),
+        *(() if config.reboot else ("-no-reboot",)),
         "-nic",
         "none",
-        "-serial",
-        f"file:{serial_log}",
         "-qmp",
         f"unix:{qmp_socket},server=on,wait=off",
-        "-kernel",
-        config.kernel,
     ]
-    if config.initrd is not None:
-        cmd += ["-initrd", config.initrd]
-    cmd += ["-append", cmdline, *config.device_args(), *config.extra_args]
+    if not config.serial_sockets:
+        cmd += ["-serial", f"file:{serial_log}"]
+    for n, sock in enumerate(config.serial_sockets):
+        log = f",logfile={_opt(serial_log)}" if n == 0 else ""
+        cmd += ["-chardev", f"socket,id=serial{n},path={_opt(sock)},server=on,wait=off{log}",
+                "-serial", f"chardev:serial{n}"]  # fmt: skip
+    if config.paused:
+        cmd.append("-S")
+    if config.incoming is not None:
+        cmd += ["-incoming", config.incoming]
+    if config.kernel is not None:
+        cmd += ["-kernel", config.kernel]
+        if config.initrd is not None:
+            cmd += ["-initrd", config.initrd]
+        cmd += ["-append", cmdline]
+    cmd += [*config.device_args(), *config.extra_args]
     return cmd
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class _Loop:
@@ -336,9 +399,11 @@ class Qemu:
     def command(self) -> list[str]:
         return build_command(self.config, self.qmp_socket, self.console_log)
 
-    def start(self, *, timeout: float = 10.0, qmp: bool = True) -> None:
+    def start(self, *, timeout: float = 10.0, qmp: bool = True, die_with_parent: bool = False) -> None:
         """Start QEMU and (with `qmp`) connect to its QMP socket within `timeout` seconds.
-        On any failure QEMU is killed and QemuError raised (with its exit status and log tail)."""
+        On any failure QEMU is killed and QemuError raised (with its exit status and log tail).
+        `die_with_parent`: the kernel kills QEMU when the calling thread ends (a process that owns
+        its VM, like a shim: no QEMU outlives it, even after a SIGKILL)."""
         if self.process is not None:
             raise QemuError("this QEMU was started already: make a new Qemu object")
         if len(os.fsencode(self.qmp_socket)) > MAX_SOCKET_PATH:
@@ -361,6 +426,7 @@ class Qemu:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # a signal to the caller's process group leaves it alone
                     close_fds=True,
+                    preexec_fn=_die_with_parent if die_with_parent else None,
                 )
             except OSError as exc:
                 raise QemuError(

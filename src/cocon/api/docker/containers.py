@@ -186,10 +186,10 @@ def _check_host(host: dict[str, Any], body: dict[str, Any], warnings: list[str])
     elif isolation in ("hyperv", "microvm"):
         out["Isolation"] = "microvm"  # Docker's hyperv: the container inside its own lightweight VM
     elif isolation == "vm":
-        raise bad_request("isolation 'vm' is not available yet: use container (process) or microvm (hyperv)")
+        out["Isolation"] = "vm"  # cocon's own: a full VM booted from the image (docs/vm.md)
     else:
         raise bad_request(
-            f"unknown isolation {isolation!r}: use default, process (container) or hyperv (microvm)"
+            f"unknown isolation {isolation!r}: use default, process (container), hyperv (microvm) or vm"
         )
     network = str(out.get("NetworkMode") or "default")
     if network.startswith("container:"):

@@ -109,11 +109,12 @@ async def system_assets_build(request: web.Request) -> web.StreamResponse:
 async def bootstrap(request: web.Request) -> web.StreamResponse:
     what = (qstr(request, "image") or "").strip()
     if not what:
-        raise bad_request("give image=busybox or image=debian[:SUITE]")
+        raise bad_request("give image=busybox, image=debian[:SUITE] or image=debian-vm[:SUITE]")
     kind = what.partition(":")[0]
-    if kind not in ("busybox", "debian") or (kind == "busybox" and what != "busybox"):
+    if kind not in ("busybox", "debian", "debian-vm") or (kind == "busybox" and what != "busybox"):
         raise bad_request(
-            f"cannot bootstrap {what!r}: cocon makes busybox (from the host) and debian[:SUITE]"
+            f"cannot bootstrap {what!r}: cocon makes busybox (from the host), debian[:SUITE] and "
+            "debian-vm[:SUITE] (a bootable Debian for --isolation vm)"
         )
     mirror = qstr(request, "mirror") or None
     tarball = qstr(request, "tarball") or None
