@@ -27,6 +27,15 @@ def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def debian_vm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(an archive of the debian-vm:bookworm image to `cocon load`, a bootable qcow2 disk of it: copy
+    it before booting), made once per session (tests/vm_helpers.build_debian_vm)."""
+    from vm_helpers import build_debian_vm
+
+    return build_debian_vm(str(tmp_path_factory.mktemp("debian-vm")))
+
+
 @pytest.fixture
 def runtime(tmp_path: os.PathLike[str]) -> Iterator[RuntimeCLI]:
     rt = RuntimeCLI(root=os.path.join(str(tmp_path), "state"))

@@ -116,8 +116,8 @@ def test_disks_shares_and_the_agent_channel_on_microvm(kernel: str, tmp_path: st
     )
     cmd = build_command(config, "/q", "/c")
     assert _all(cmd, "-drive") == [
-        f"if=none,id=disk0,file={utility},format=raw,readonly=on",
-        f"if=none,id=disk1,file={scratch.replace(',', ',,')},format=raw,readonly=off",
+        f"if=none,id=disk0,node-name=disk0-node,file={utility},format=raw,readonly=on",
+        f"if=none,id=disk1,node-name=disk1-node,file={scratch.replace(',', ',,')},format=raw,readonly=off",
     ]
     assert _all(cmd, "-fsdev") == [
         f"local,id=fs0,path={rootfs},security_model=passthrough,multidevs=remap",

@@ -145,9 +145,12 @@ class Client:
         caller's stdio (its terminal with `tty`); returns its exit code."""
         raise NotImplementedError
 
-    def container_attach(self, container: str, *, stdin: bool = True) -> int:
+    def container_attach(
+        self, container: str, *, stdin: bool = True, detach_keys: bytes | None = None
+    ) -> int:
         """`POST /containers/{id}/attach`: the caller's stdio joined to the running container's until
-        it exits (its exit code) or the caller detaches (Ctrl-P Ctrl-Q with a terminal: -1)."""
+        it exits (its exit code) or the caller detaches (Ctrl-P Ctrl-Q with a terminal, or
+        `detach_keys`: -1)."""
         raise NotImplementedError
 
     def container_start_attach(self, container: str, *, stdin: bool = False) -> int:
@@ -335,6 +338,42 @@ class Client:
 
     def network_policy_remove(self, name: str, rule: str) -> dict[str, Any]:
         """`DELETE /cocon/v1/networks/{id}/policy/{rule}`: the rule removed."""
+        raise NotImplementedError
+
+    def vm_create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`POST /cocon/v1/vms` (cocon.engine.vms.FIELDS): {"Id", "Warnings"}."""
+        raise NotImplementedError
+
+    def vm_list(self, *, all: bool = True) -> list[dict[str, Any]]:
+        """`GET /cocon/v1/vms`: the VMs with their machine and addresses."""
+        raise NotImplementedError
+
+    def vm_remove(self, name: str, *, force: bool = False, delete_disk: bool = False) -> None:
+        """`DELETE /cocon/v1/vms/{id}`: remove a VM (`delete_disk`: and the disk file it was made with)."""
+        raise NotImplementedError
+
+    def vm_disk_attach(self, name: str, volume: str) -> dict[str, Any]:
+        """`POST /cocon/v1/vms/{id}/disks` {Volume}: hot-plugged when running."""
+        raise NotImplementedError
+
+    def vm_disk_detach(self, name: str, volume: str) -> None:
+        """`DELETE /cocon/v1/vms/{id}/disks/{volume}`."""
+        raise NotImplementedError
+
+    def vm_snapshots(self, name: str) -> list[dict[str, Any]]:
+        """`GET /cocon/v1/vms/{id}/snapshots`."""
+        raise NotImplementedError
+
+    def vm_snapshot_create(self, name: str, snapshot: str, *, memory: bool = False) -> dict[str, Any]:
+        """`POST /cocon/v1/vms/{id}/snapshots` {Name, Memory}."""
+        raise NotImplementedError
+
+    def vm_snapshot_restore(self, name: str, snapshot: str) -> dict[str, Any]:
+        """`POST /cocon/v1/vms/{id}/snapshots/{name}/restore`."""
+        raise NotImplementedError
+
+    def vm_snapshot_remove(self, name: str, snapshot: str) -> None:
+        """`DELETE /cocon/v1/vms/{id}/snapshots/{name}`."""
         raise NotImplementedError
 
     # --- system ------------------------------------------------------------------------------------

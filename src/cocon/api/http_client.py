@@ -632,6 +632,44 @@ class HTTPClient(ContainerRequests):
         result: dict[str, Any] = self.call("POST", f"/cocon/v1/networks/{quote(name)}/policy", doc=doc)
         return result
 
+    def vm_create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("POST", "/cocon/v1/vms", doc=spec)
+        return result
+
+    def vm_list(self, *, all: bool = True) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("GET", f"/cocon/v1/vms?all={int(all)}")
+        return result
+
+    def vm_remove(self, name: str, *, force: bool = False, delete_disk: bool = False) -> None:
+        params = [("force", str(int(force))), ("delete_disk", str(int(delete_disk)))]
+        self.call("DELETE", f"/cocon/v1/vms/{quote(name)}", params)
+
+    def vm_disk_attach(self, name: str, volume: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(
+            "POST", f"/cocon/v1/vms/{quote(name)}/disks", doc={"Volume": volume}
+        )
+        return result
+
+    def vm_disk_detach(self, name: str, volume: str) -> None:
+        self.call("DELETE", f"/cocon/v1/vms/{quote(name)}/disks/{quote(volume)}")
+
+    def vm_snapshots(self, name: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("GET", f"/cocon/v1/vms/{quote(name)}/snapshots")
+        return result
+
+    def vm_snapshot_create(self, name: str, snapshot: str, *, memory: bool = False) -> dict[str, Any]:
+        doc = {"Name": snapshot, "Memory": memory}
+        result: dict[str, Any] = self.call("POST", f"/cocon/v1/vms/{quote(name)}/snapshots", doc=doc)
+        return result
+
+    def vm_snapshot_restore(self, name: str, snapshot: str) -> dict[str, Any]:
+        path = f"/cocon/v1/vms/{quote(name)}/snapshots/{quote(snapshot)}/restore"
+        result: dict[str, Any] = self.call("POST", path)
+        return result
+
+    def vm_snapshot_remove(self, name: str, snapshot: str) -> None:
+        self.call("DELETE", f"/cocon/v1/vms/{quote(name)}/snapshots/{quote(snapshot)}")
+
     def network_policy_remove(self, name: str, rule: str) -> dict[str, Any]:
         path = f"/cocon/v1/networks/{quote(name)}/policy/{quote(rule)}"
         result: dict[str, Any] = self.call("DELETE", path)

@@ -126,7 +126,7 @@ class ContainerRequests(Client):
         return known
 
     def _relay(self, hijacked: Hijacked, *, tty: bool, stdin: bool, resize_path: str | None,
-               detach: bool = False) -> bool:  # fmt: skip
+               detach: bool = False, detach_keys: bytes | None = None) -> bool:  # fmt: skip
         from cocon.api import stream_relay
 
         def resize(rows: int, cols: int) -> None:
@@ -138,7 +138,7 @@ class ContainerRequests(Client):
 
         return stream_relay.relay(
             hijacked.fileno(), stdin=stdin, resize=resize if tty else None, multiplexed=not tty,
-            is_socket=True, detach_keys=stream_relay.DETACH_KEYS if tty and detach else None,
+            is_socket=True, detach_keys=(detach_keys or stream_relay.DETACH_KEYS) if tty and detach else None,
             initial=hijacked.initial,
         )  # fmt: skip
 
@@ -210,13 +210,15 @@ class ContainerRequests(Client):
             return -1
         return int(self.container_wait(container)["StatusCode"])
 
-    def container_attach(self, container: str, *, stdin: bool = True) -> int:
+    def container_attach(
+        self, container: str, *, stdin: bool = True, detach_keys: bytes | None = None
+    ) -> int:
         tty, _ = self._kind(container)
         params = [("stream", "1"), ("stdout", "1"), ("stderr", "1"), ("stdin", _flag(stdin))]
         attach = self._hijack(_path(container, "attach"), params)
         try:
             ended = self._relay(attach, tty=tty, stdin=stdin, resize_path=_path(container, "resize"),
-                                detach=True)  # fmt: skip
+                                detach=True, detach_keys=detach_keys)  # fmt: skip
         finally:
             attach.close()
         if not ended:

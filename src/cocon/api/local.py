@@ -177,15 +177,19 @@ class LocalClient(Client):
             self.supervisor.start(container, on_created=connect)
         return self._relay_attached(container, socks[0], stdin)
 
-    def container_attach(self, container: str, *, stdin: bool = True) -> int:
+    def container_attach(
+        self, container: str, *, stdin: bool = True, detach_keys: bytes | None = None
+    ) -> int:
         from cocon.engine import attach
 
         with _errors:
             rec = self.engine.instances.get(container)
             sock = attach.connect(self.supervisor.attach_socket(rec.id), rec.name)
-        return self._relay_attached(container, sock, stdin)
+        return self._relay_attached(container, sock, stdin, detach_keys)
 
-    def _relay_attached(self, container: str, sock: Any, stdin: bool) -> int:
+    def _relay_attached(
+        self, container: str, sock: Any, stdin: bool, detach_keys: bytes | None = None
+    ) -> int:
         import sys
 
         from cocon.engine import attach
@@ -211,7 +215,8 @@ class LocalClient(Client):
 
         try:
             with _errors:
-                ended = attach.relay(sock, out, 0 if stdin else -1, attach.DETACH_KEYS if tty else None)
+                keys = (detach_keys or attach.DETACH_KEYS) if tty else None
+                ended = attach.relay(sock, out, 0 if stdin else -1, keys)
         finally:
             sock.close()
             if restore is not None:
@@ -425,6 +430,58 @@ class LocalClient(Client):
         from cocon.api.docker import networks
 
         self._networks(networks.network_disconnect, name, {"Container": container, "Force": force})
+
+    def vm_create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        from cocon.engine.vms import create_vm
+
+        result: dict[str, Any] = self._networks(create_vm, spec)
+        return result
+
+    def vm_list(self, *, all: bool = True) -> list[dict[str, Any]]:
+        from cocon.engine.vms import list_vms
+
+        result: list[dict[str, Any]] = self._networks(lambda engine: list_vms(engine, all=all))
+        return result
+
+    def vm_remove(self, name: str, *, force: bool = False, delete_disk: bool = False) -> None:
+        from cocon.engine.vms import remove_vm
+
+        self._networks(lambda engine: remove_vm(engine, name, force=force, delete_disk=delete_disk))
+
+    def vm_disk_attach(self, name: str, volume: str) -> dict[str, Any]:
+        from cocon.engine.vms import attach_disk
+
+        result: dict[str, Any] = self._networks(attach_disk, name, volume)
+        return result
+
+    def vm_disk_detach(self, name: str, volume: str) -> None:
+        from cocon.engine.vms import detach_disk
+
+        self._networks(detach_disk, name, volume)
+
+    def vm_snapshots(self, name: str) -> list[dict[str, Any]]:
+        from cocon.engine import vm_snapshots
+
+        result: list[dict[str, Any]] = self._networks(vm_snapshots.list_snapshots, name)
+        return result
+
+    def vm_snapshot_create(self, name: str, snapshot: str, *, memory: bool = False) -> dict[str, Any]:
+        from cocon.engine import vm_snapshots
+
+        create = vm_snapshots.create_snapshot
+        result: dict[str, Any] = self._networks(lambda engine: create(engine, name, snapshot, memory=memory))
+        return result
+
+    def vm_snapshot_restore(self, name: str, snapshot: str) -> dict[str, Any]:
+        from cocon.engine import vm_snapshots
+
+        result: dict[str, Any] = self._networks(vm_snapshots.restore_snapshot, name, snapshot)
+        return result
+
+    def vm_snapshot_remove(self, name: str, snapshot: str) -> None:
+        from cocon.engine import vm_snapshots
+
+        self._networks(vm_snapshots.remove_snapshot, name, snapshot)
 
     def network_policy_list(self, name: str) -> list[dict[str, Any]]:
         from cocon.engine import netattach

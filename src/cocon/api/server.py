@@ -34,6 +34,7 @@ from cocon.api.docker import (
     native,
     networks,
     system,
+    vms,
     volumes,
 )
 from cocon.api.docker.common import (
@@ -156,4 +157,5 @@ def make_app(ctx: Context, *, auth_token: str | None = None) -> web.Application:
     container_admin.register(app)
     exec.register(app)
     native.register(app)
+    vms.register(app)
     return app

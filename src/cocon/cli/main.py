@@ -43,7 +43,7 @@ def _parser_class() -> type[argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cocon.cli import build, containers, daemon, events, images, networks, run, system, volumes
+    from cocon.cli import build, containers, daemon, events, images, networks, run, system, vms, volumes
 
     parser = _parser_class()(
         prog="cocon",
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.register(sub)
     volumes.register(sub)
     networks.register(sub)
+    vms.register(sub)
+    vms.register_snapshots(sub)
     daemon.register(sub)
     events.register(sub)
     system.register(sub)

@@ -216,7 +216,12 @@ class Containers:
         name = validate_name(name) if name else None
         limits = self._limits(host)
         seccomp = self._seccomp(host, warnings)
-        info = self.e.image_for_run(image_ref)
+        if image_ref:
+            info = self.e.image_for_run(image_ref)
+        else:  # a VM made from a disk (engine/vms.py): no image, no root filesystem, no command
+            from cocon.engine.engine import ImageInfo
+
+            info = ImageInfo(id="", chain_ids=(), config={"Cmd": ["firmware"]})
         from cocon.engine.netattach import plan
 
         net = plan(self.e, body, host, info.config)  # the network mode, endpoints and published ports
@@ -277,7 +282,8 @@ class Containers:
                     if name or attempt == 99:
                         raise
             assert rec is not None
-            self._prepare_snapshot(rec)
+            if image_ref:
+                self._prepare_snapshot(rec)
         except BaseException:
             if rec is not None and self._records.get(cid) is None:
                 try:

@@ -357,8 +357,8 @@ class ImageOps:
             kw["tarball"] = tarball
         try:
             if what.partition(":")[0] == "debian-vm":  # Debian with a kernel and systemd, for --isolation vm
-                from cocon.vmm.guest_images import bootstrap_debian_vm
                 from cocon.vmm.errors import VmmError
+                from cocon.vmm.guest_images import bootstrap_debian_vm
 
                 suite = what.partition(":")[2] or "bookworm"
                 name = f"debian-vm:{suite}"

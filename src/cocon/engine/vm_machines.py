@@ -64,7 +64,8 @@ def prepare(e: Engine, rec: InstanceRecord, rootfs: str | None) -> dict[str, Any
             machine["root"] = {"path": settings["Disk"], "format": settings.get("DiskFormat", "qcow2")}
             machine["iso"] = settings.get("Iso")
             machine["seed"] = settings.get("Seed")
-        for m in rec.config.get("Mounts") or []:
+        attached = [{"Type": "volume", "Name": v, "RW": True} for v in settings.get("Disks") or []]
+        for m in [*(rec.config.get("Mounts") or []), *attached]:
             if m.get("Type") != "volume":
                 continue
             volume = e.volumes.get(m["Name"])
@@ -75,6 +76,11 @@ def prepare(e: Engine, rec: InstanceRecord, rootfs: str | None) -> dict[str, Any
                 })  # fmt: skip
     except VolumeError as exc:
         raise EngineError(str(exc)) from None
+    if settings.get("LoadVm"):  # a --memory snapshot restored while stopped: resume from it, once
+        machine["loadvm"] = settings["LoadVm"]
+        config = dict(rec.config)
+        config["VM"] = {k: v for k, v in settings.items() if k != "LoadVm"}
+        e.instances.update(rec.id, config=config)
     return machine
 
 

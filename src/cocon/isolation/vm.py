@@ -58,9 +58,10 @@ INIT_CANDIDATES = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/syste
 #:   init            for "boot": the image's init; cmdline: extra kernel command line
 #:   firmware        "bios" or "uefi"; nvram: the directory of the VM's UEFI variables
 #:   memory_mib, cpus, reboot (a guest reset reboots: True except in "cmd" mode)
+#:   loadvm          the internal snapshot (with memory) to resume from at this start
 MACHINE_KEYS = (
     "mode", "root", "disks", "iso", "seed", "kernel", "initrd", "init", "cmdline", "firmware", "nvram",
-    "memory_mib", "cpus", "reboot",
+    "memory_mib", "cpus", "reboot", "loadvm",
 )  # fmt: skip
 
 
@@ -139,7 +140,7 @@ def _release_key(release: str) -> list[tuple[int, int, str]]:
 
 def run_script(
     process: dict[str, Any], *, hostname: str, network: dict[str, Any] | None, binds: list[tuple[str, str]],
-    stdin: bool, rows: int = 24, cols: int = 80,
+    stdin: bool, rows: int = 24, cols: int = 80, files: list[tuple[str, bytes]] | None = None,
 ) -> str:  # fmt: skip
     """The run configuration of a "cmd" mode guest: shell code the guest's init sources (QEMU hands
     it in over fw_cfg). Every value from the image or the user is quoted (shlex.quote): nothing in
@@ -169,6 +170,11 @@ def run_script(
         for route in network.get("routes") or []:
             lines.append(f"    ip route add default via {q(str(route['gateway']))} dev eth0 || return 1")
     lines += ["    return 0", "}", "cocon_mounts() {"]
+    for destination, content in files or []:  # replaced, not followed: a symlink there is the image's
+        target = "$root" + q(destination)
+        lines.append(
+            f"    rm -f {target}; printf '%s' {q(content.decode(errors='replace'))} > {target} || return 1"
+        )
     if binds:
         lines.append(f"    mkdir -p {GUEST_SHARE} || return 1")
         lines.append(f"    mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 {SHARE_TAG} "
@@ -185,19 +191,30 @@ def run_script(
     return "\n".join(lines) + "\n"
 
 
-def share_binds(config: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """The bind mounts of a runtime config that reach a "cmd" mode guest over 9p:
-    [(host source, destination, name in the share)]. Kernel filesystems (proc, sysfs, tmpfs, …) are
-    the guest init's own."""
-    binds = []
+#: Files the engine bind-mounts into containers that a VM gets written into its disk instead (a 9p
+#: share in use keeps QEMU from saving the machine: no memory snapshots, no migration).
+WRITTEN_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/hostname")
+MAX_WRITTEN_FILE = 64 << 10
+
+
+def share_binds(config: dict[str, Any]) -> tuple[list[tuple[str, str, str]], list[tuple[str, bytes]]]:
+    """The bind mounts of a runtime config that reach a "cmd" mode guest: over 9p
+    [(host source, destination, name in the share)], and the small /etc files written into its disk
+    [(destination, content)]. Kernel filesystems (proc, sysfs, tmpfs, …) are the guest init's own."""
+    binds, files = [], []
     for index, mount in enumerate(config.get("mounts") or []):
         options = mount.get("options") or []
         if mount.get("type") == "bind" or "bind" in options or "rbind" in options:
             source = mount.get("source")
             if not isinstance(source, str) or not source.startswith("/"):
                 raise IsolationError(f"the bind mount {mount.get('destination')} has no absolute source")
-            binds.append((source, str(mount.get("destination")), f"m{index}"))
-    return binds
+            destination = str(mount.get("destination"))
+            if destination in WRITTEN_FILES and os.path.isfile(source):
+                with open(source, "rb") as f:
+                    files.append((destination, f.read(MAX_WRITTEN_FILE)))
+                continue
+            binds.append((source, destination, f"m{index}"))
+    return binds, files
 
 
 class VmDriver:

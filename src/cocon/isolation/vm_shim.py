@@ -47,6 +47,8 @@ from cocon.isolation.microvm_shim import (
 #: Seconds QEMU gets to open its sockets.
 QEMU_START_TIMEOUT = 30.0
 TAP = "tap0"
+#: Disks that can be hot-plugged into a running VM (one PCIe root port each).
+HOTPLUG_PORTS = 4
 EXIT_MARKER = b"cocon-vm: exit "
 
 
@@ -72,7 +74,8 @@ class VmShim(Shim):
         if self.mode == "cmd":
             share = os.path.join(self.dir, "share")
             os.makedirs(share, 0o700, exist_ok=True)
-            for host, destination, name in share_binds(self.config):
+            share_list, written = share_binds(self.config)
+            for host, destination, name in share_list:
                 target = os.path.join(share, name)
                 try:
                     if os.path.isdir(host):
@@ -83,7 +86,7 @@ class VmShim(Shim):
                 except OSError as exc:
                     raise ShimError(f"cannot share {host} with the VM: {exc.strerror}") from None
                 binds.append((destination, name))
-            shares = (Share(share, SHARE_TAG),)
+            shares = (Share(share, SHARE_TAG),) if binds else ()
         netns = next(
             (ns.get("path") for ns in (self.config.get("linux") or {}).get("namespaces") or []
              if ns.get("type") == "network" and ns.get("path")), None,
@@ -107,6 +110,11 @@ class VmShim(Shim):
                 "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off",
                 "-device", f"virtio-net-pci,netdev=n0,mac={self.network['mac']},id=nic0",
             ]  # fmt: skip
+        # PCIe root ports with free slots: q35's root bus takes no hot-plugged devices
+        for port in range(HOTPLUG_PORTS):
+            extra_args += ["-device", f"pcie-root-port,id=hp{port},chassis={port + 1},slot={port + 1}"]
+        if machine.get("loadvm"):  # a --memory snapshot restored while the VM was stopped
+            extra_args += ["-loadvm", str(machine["loadvm"])]
         if machine.get("firmware") == "uefi":
             from cocon.vmm.firmware import resolve_firmware
 
@@ -122,7 +130,7 @@ class VmShim(Shim):
             with open(script, "w") as f:
                 f.write(run_script(
                     process, hostname=str(self.config.get("hostname") or self.cid[:12]), network=self.network,
-                    binds=binds, stdin=True, rows=int(size.get("height") or 24),
+                    binds=binds, files=written, stdin=True, rows=int(size.get("height") or 24),
                     cols=int(size.get("width") or 80),
                 ))  # fmt: skip
             fw_cfg = (("opt/org.cocon/run", script),)
@@ -162,6 +170,7 @@ class VmShim(Shim):
         else:
             self.dhcp = None
         self.memory_mib = memory
+        self.hotplugged: dict[str, str] = {}  # node → root port of disks attached while running
         self._save_state()
         self.listener = self._listen()
 
@@ -420,6 +429,12 @@ class VmShim(Shim):
             return {"ok": True, "status": self.vm.status(), "mode": self.mode}
         if op == "stats":
             return {"ok": True, **_qemu_stats(self.vm.pid or 0, self.memory_mib)}
+        if op == "disk-add":
+            return self._disk_add(request)
+        if op == "disk-remove":
+            return self._disk_remove(str(request.get("node") or ""))
+        if op in ("snapshot-save", "snapshot-load", "snapshot-delete"):
+            return self._snapshot(op, str(request.get("name") or ""), bool(request.get("memory")))
         if op == "exec":
             return {"ok": False, "exit_code": 126,
                     "error": "a full VM runs no cocon agent: use `cocon vm console` (or ssh) to run "
@@ -427,6 +442,95 @@ class VmShim(Shim):
         if op == "top":
             return {"ok": False, "error": "a full VM's processes are its own: look inside it"}
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def _disk_add(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Hot-plug a disk: a block node for the file, a virtio-blk device on a free root port."""
+        assert self.vm is not None
+        node, path = str(request.get("node") or ""), str(request.get("path") or "")
+        fmt = str(request.get("format") or "qcow2")
+        if not node or not path or fmt not in ("qcow2", "raw"):
+            return {"ok": False, "error": "disk-add needs node, path and a format (qcow2 or raw)"}
+        if node in self.hotplugged or any(d.get("device") == node for d in self.vm.qmp("query-block")):
+            return {"ok": False, "error": f"the disk {node} is attached already"}
+        taken = set(self.hotplugged.values())
+        port = next((f"hp{n}" for n in range(HOTPLUG_PORTS) if f"hp{n}" not in taken), None)
+        if port is None:
+            return {
+                "ok": False,
+                "error": f"all {HOTPLUG_PORTS} hot-plug slots are in use: detach a disk first",
+            }
+        readonly = bool(request.get("readonly"))
+        self.vm.qmp("blockdev-add", {"driver": fmt, "node-name": node, "read-only": readonly,
+                                     "file": {"driver": "file", "filename": path}})  # fmt: skip
+        device: dict[str, Any] = {"driver": "virtio-blk-pci", "id": f"{node}-dev", "drive": node, "bus": port}
+        if request.get("serial"):
+            device["serial"] = str(request["serial"])[:20]
+        try:
+            self.vm.qmp("device_add", device)
+        except Exception:
+            self.vm.qmp("blockdev-del", {"node-name": node})
+            raise
+        self.hotplugged[node] = port
+        return {"ok": True, "bus": port}
+
+    def _disk_remove(self, node: str) -> dict[str, Any]:
+        """Hot-unplug: the guest is asked to let the device go (PCIe hot-plug), then the node goes."""
+        assert self.vm is not None
+        if not node:
+            return {"ok": False, "error": "disk-remove needs the disk's node"}
+        self.vm.qmp("device_del", {"id": f"{node}-dev"})
+        deadline = time.monotonic() + 60
+        while any(str(d.get("qdev", "")).endswith(f"{node}-dev") for d in self.vm.qmp("query-block")):
+            if time.monotonic() > deadline:
+                return {"ok": False, "error": f"the guest did not release the disk {node} within 60 s"}
+            time.sleep(0.1)
+        try:
+            self.vm.qmp("blockdev-del", {"node-name": node})
+        except Exception:
+            pass  # gone with its device
+        self.hotplugged.pop(node, None)
+        return {"ok": True}
+
+    def _snapshot(self, op: str, name: str, memory: bool) -> dict[str, Any]:
+        """Internal qcow2 snapshots of the running VM's root disk: with `memory`, QEMU's snapshot-save
+        job (the guest pauses while its RAM is written into the disk, then carries on), else a
+        disk-only snapshot taken atomically (blockdev-snapshot-internal-sync); snapshot-load puts
+        disk and machine back where they were; snapshot-delete removes either kind."""
+        assert self.vm is not None
+        if not name:
+            return {"ok": False, "error": "a snapshot needs a name"}
+        if op == "snapshot-save" and not memory:
+            self.vm.qmp("blockdev-snapshot-internal-sync", {"device": "root", "name": name}, timeout=120)
+            return {"ok": True}
+        if op == "snapshot-delete":
+            self.vm.qmp(
+                "blockdev-snapshot-delete-internal-sync", {"device": "root", "name": name}, timeout=120
+            )
+            return {"ok": True}
+        job = f"{op}-{time.monotonic_ns()}"
+        args = {"job-id": job, "tag": name, "vmstate": "root-node", "devices": ["root-node"]}
+        self.vm.qmp(op, args)
+        deadline = time.monotonic() + 600
+        while True:
+            jobs = [j for j in self.vm.qmp("query-jobs") if j.get("id") == job]
+            if not jobs or jobs[0].get("status") == "concluded":
+                break
+            if time.monotonic() > deadline:
+                return {"ok": False, "error": f"{op} of {name} did not finish within 600 s"}
+            time.sleep(0.05)
+        error = jobs[0].get("error") if jobs else None
+        if error and "mount_tag" in str(error):
+            error = (f"{error} (a VM whose volumes are shared over 9p cannot save its memory: snapshot its "
+                     "disk without --memory, or use disk volumes)")  # fmt: skip
+        try:
+            self.vm.qmp("job-dismiss", {"id": job})
+        except Exception:
+            pass
+        if error:
+            return {"ok": False, "error": f"{op} {name}: {error}"}
+        if op == "snapshot-load" and self.status == "running":
+            self.vm.qmp("cont")  # a loaded machine state resumes as it was saved: running
+        return {"ok": True}
 
     def _save_state(self) -> None:
         vm = self.vm

@@ -246,8 +246,9 @@ class MachineConfig:
             node = disk.node or f"disk{n}"
             readonly = "on" if disk.readonly or disk.cdrom else "off"
             media = ",media=cdrom" if disk.cdrom else ""
-            args += ["-drive", f"if=none,id={node},file={_opt(disk.path)},format={disk.format},"
-                     f"readonly={readonly}{media}"]  # fmt: skip
+            # the format node is named `<node>-node` (snapshot-save and migration name nodes, not drives)
+            args += ["-drive", f"if=none,id={node},node-name={node}-node,file={_opt(disk.path)},"
+                     f"format={disk.format},readonly={readonly}{media}"]  # fmt: skip
             device = "ide-cd,bus=ide.0" if disk.cdrom else virtio_device(self.machine, "blk")
             device += f",drive={node},id={node}-dev"
             if disk.serial and not disk.cdrom:

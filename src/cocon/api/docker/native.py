@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from cocon.api.docker import networks
+from cocon.api.docker import networks, vms
 from cocon.api.docker.common import (
     API_VERSION,
     MIN_API_VERSION,
@@ -385,6 +385,7 @@ OPENAPI: dict[str, Any] = {
             }
         },
         **networks.OPENAPI_PATHS,  # network policy (cocon.api.docker.networks)
+        **vms.OPENAPI_PATHS,  # full VMs from a disk (cocon.api.docker.vms)
         **ASSETS_PATHS,  # microVM guest assets
         "/cocon/v1/openapi.json": {
             "get": {
@@ -402,6 +403,7 @@ OPENAPI: dict[str, Any] = {
     "components": {
         "schemas": {
             **networks.OPENAPI_SCHEMAS,
+            **vms.OPENAPI_SCHEMAS,
             **ASSETS_SCHEMAS,
             "Error": {
                 "type": "object",
