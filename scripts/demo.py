@@ -99,6 +99,8 @@ def main() -> int:
         # guest assets and a template; later ones start from the template)
         cocon(env, "run", "--rm", "busybox", "uname", "-r")
         cocon(env, "run", "--rm", "--isolation", "microvm", "busybox", "uname", "-r")
+        # and as a full VM: the image made into a disk of its own, booted by QEMU (docs/vm.md)
+        cocon(env, "run", "--rm", "--isolation", "vm", "busybox", "sh", "-c", "uname -r; mount | grep ' / '")
         cocon(env, "info")
         ctx = os.path.join(base, "context")
         os.makedirs(ctx)

@@ -29,10 +29,15 @@ from vm_helpers import kill_processes
 BOOT_TIMEOUT = 300  # a Debian with systemd under TCG on a busy 2-core machine
 
 
+def assets_root(d: Daemon) -> str:
+    return os.path.join(os.path.dirname(d.root), "assets")
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     base = str(tmp_path_factory.mktemp("vmcli"))
     d = start_daemon(base, env={"COCON_ASSETS_ROOT": os.path.join(base, "assets")})
+    assert os.path.dirname(d.root) == base
     try:
         yield d
     finally:
@@ -66,11 +71,12 @@ def vms(daemon: Daemon) -> Iterator[list[str]]:
         cocon(daemon, "rm", "-f", name, check=False)
 
 
-def wait_for_log(d: Daemon, name: str, text: str, timeout: float = BOOT_TIMEOUT) -> str:
+def wait_for_log(d: Daemon, name: str, text: str, timeout: float = BOOT_TIMEOUT, times: int = 1) -> str:
+    """The logs once they show `text` (`times` times: a VM's log keeps its earlier boots)."""
     deadline = time.monotonic() + timeout
     while True:
         logs = cocon(d, "logs", name, check=False).stdout
-        if text in logs:
+        if logs.count(text) >= times:
             return logs
         assert time.monotonic() < deadline, f"{name}'s console never showed {text!r}:\n{logs[-3000:]}"
         time.sleep(2)
@@ -133,8 +139,9 @@ def test_bios_boot_console_network_stop_and_persistence(daemon: Daemon, disk: st
     assert "reboot: Power down" in cocon(daemon, "logs", "deb-bios").stdout
 
     # a pet: the disk keeps what the guest wrote
+    logins = cocon(daemon, "logs", "deb-bios").stdout.count("login:")
     cocon(daemon, "vm", "start", "deb-bios")
-    wait_for_log(daemon, "deb-bios", "login:")
+    wait_for_log(daemon, "deb-bios", "login:", times=logins + 1)
     cocon(daemon, "vm", "stop", "deb-bios", timeout=180)
     assert wait_exited(daemon, "deb-bios") == 0
     # read the file back from the disk, with the VM off: the root filesystem is the third partition
@@ -169,9 +176,10 @@ def test_iso_boot(daemon: Daemon, tmp_path: Any, vms: list[str]) -> None:
     from cocon.vmm.assets import ensure_assets
     from cocon.vmm.guest_images import make_boot_iso, make_marker_initramfs
 
-    assets = ensure_assets(daemon.env["COCON_ASSETS_ROOT"])
+    assets = ensure_assets(assets_root(daemon))
     initrd = make_marker_initramfs(str(tmp_path / "marker.img"), "cocon-iso-marker: booted")
-    iso = make_boot_iso(str(tmp_path / "live.iso"), assets.vmlinuz, initrd, "console=ttyS0")
+    bzimage = os.path.join(assets.directory, "vmlinuz")  # GRUB boots the compressed kernel
+    iso = make_boot_iso(str(tmp_path / "live.iso"), bzimage, initrd, "console=ttyS0")
     new_disk = str(tmp_path / "empty.qcow2")
     vms.append("live")
     cocon(daemon, "vm", "create", "live", "--disk", new_disk, "--disk-size", "1G", "--iso", str(iso))

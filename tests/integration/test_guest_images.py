@@ -264,33 +264,8 @@ def test_the_disk_is_a_gpt_qcow2_with_an_esp_and_a_labelled_root(built: Built, t
 # --- boots ---------------------------------------------------------------------------------------------
 
 
-def test_the_disk_boots_to_login_under_bios(built: Built, tmp_path: str, guests: list[Guest]) -> None:
-    guest = Guest(str(tmp_path), [*_disk_args(built.disk), "-nic", "user,model=virtio-net-pci,restrict=on"])
-    guests.append(guest)
-    guest.expect(re.compile(rb"cocon-grub: loading Linux"))  # GRUB, from the BIOS boot partition
-    assert b"SeaBIOS" in guest.output and b"GRUB loading" in guest.output
-    seconds = guest.expect(LOGIN)
-    _note("BIOS boot to login: (Debian, systemd)", seconds)
-    assert b"Welcome to \x1b[1mDebian GNU/Linux 12" in guest.output or b"Welcome to Debian" in guest.output
-    # root logs in without a password; / is the labelled ext4, read-write; DHCP gave the NIC its address
-    mark = guest.send("root\n")
-    guest.expect(re.compile(rb"root@\S+:~# "), timeout=120, since=mark)
-    mark = guest.send("findmnt -no SOURCE,FSTYPE,OPTIONS,LABEL / ; echo RW=$(touch /x && echo yes); "
-                      "ip -4 -o addr show scope global; echo CHECKS-$((40 + 2))\n")  # fmt: skip
-    guest.expect(re.compile(rb"CHECKS-42\r?\n"), timeout=120, since=mark)  # not the echoed command
-    said = guest.output[mark:].decode("utf-8", "replace")
-    assert re.search(r"/dev/vda3\s+ext4\s+rw", said), said
-    assert "RW=yes" in said, said
-    assert re.search(r"en\S+\s+inet 10\.0\.2\.15/24", said), said  # from QEMU's DHCP server (-nic user)
-
-
-def test_the_disk_boots_to_login_under_uefi(built: Built, tmp_path: str, guests: list[Guest]) -> None:
-    guest = Guest(str(tmp_path), [*_uefi_args(str(tmp_path)), *_disk_args(built.disk), "-nic", "none"])
-    guests.append(guest)
-    seconds = guest.expect(LOGIN)
-    _note("UEFI boot to login: (Debian, systemd, OVMF)", seconds)
-    assert re.search(rb"efi: EFI v[0-9.]+ by EDK II", guest.output), "the kernel was started by OVMF"
-    assert f"root=UUID={built.disk.root_uuid}".encode() in guest.output  # the kernel's command line
+# Booting the disk under BIOS and UEFI to a login (and DHCP, a writable root) is what
+# tests/e2e/test_vm_cli.py does through `cocon vm`, with this module's make_bootable_disk.
 
 
 def test_the_iso_boots_its_kernel_under_bios_and_uefi(
