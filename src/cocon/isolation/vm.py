@@ -27,13 +27,14 @@ import shlex
 
 from cocon import _fastjson
 from cocon._typing import TYPE_CHECKING
-from cocon.isolation.base import Handle, IsolationError
+from cocon.isolation.base import IsolationError
 from cocon.isolation.container import ContainerDriver
+from cocon.isolation.microvm import MicrovmDriver
 
 if TYPE_CHECKING:
     from typing import Any
 
-    from cocon.isolation.base import InstanceConfig, Stdio
+    from cocon.isolation.base import InstanceConfig
 
 #: The runc-compatible command conmon runs for full VMs (pyproject's console script).
 RUNTIME_COMMAND = "cocon-vm-runtime"
@@ -217,16 +218,14 @@ def share_binds(config: dict[str, Any]) -> tuple[list[tuple[str, str, str]], lis
     return binds, files
 
 
-class VmDriver:
+class VmDriver(MicrovmDriver):
     """Full VMs under the daemon: the engine prepares the machine (InstanceConfig.machine) and
     spawns conmon with RUNTIME_COMMAND; this driver reaches each VM's shim through its control
-    socket under `runtime_root`."""
+    socket under `runtime_root`, as the microVM driver does (start, signals, state, delete, exit
+    reason, pause/resume are the same requests)."""
 
     isolation = "vm"
     runtime_command = RUNTIME_COMMAND
-
-    def __init__(self, runtime_root: str) -> None:
-        self.runtime_root = runtime_root
 
     def config_for(self, cfg: InstanceConfig) -> dict[str, Any]:
         """The runtime config (a container's: the process, mounts, hostname) with the machine in an
@@ -259,66 +258,11 @@ class VmDriver:
         annotations[MACHINE_ANNOTATION] = _fastjson.dumps(machine)
         return doc
 
-    def runtime_args(self) -> list[str]:
-        return ["--root", self.runtime_root]
-
-    def warm_up(self) -> None:
-        pass
-
-    def settle(self) -> None:
-        pass
-
-    def create(self, config: InstanceConfig, stdio: Stdio) -> Handle:
-        raise IsolationError("a VM runs under the cocon daemon: use the cocon CLI or the API")
-
-    def start(self, handle: Handle) -> None:
-        from cocon.isolation import microvm_shim
-
-        microvm_shim.control(self.runtime_root, handle.id, {"op": "start"})
-
-    def wait(self, handle: Handle) -> int:
-        raise IsolationError("a VM's exit is collected by its conmon")
-
-    def signal(self, instance_id: str, sig: int) -> None:
-        from cocon.isolation import microvm_shim
-
-        microvm_shim.kill(self.runtime_root, instance_id, sig)
-
-    def resize(self, handle: Handle, rows: int, cols: int) -> None:
-        pass  # conmon resizes the terminal the shim holds; the shim forwards it
-
-    def state(self, instance_id: str) -> str:
-        from cocon.isolation import microvm_shim
-
-        return str(microvm_shim.state(self.runtime_root, instance_id).get("status", "unknown"))
-
-    def delete(self, instance_id: str, *, force: bool = False) -> None:
-        from cocon.isolation import microvm_shim
-
-        microvm_shim.delete(self.runtime_root, instance_id, force=force)
-
-    def exit_reason(self, instance_id: str) -> str:
-        from cocon.isolation import microvm_shim
-
-        try:
-            with open(
-                os.path.join(microvm_shim.state_dir(self.runtime_root, instance_id), "exit-reason")
-            ) as f:
-                return f.read().strip()
-        except (OSError, IsolationError):
-            return ""
-
     def control(self, instance_id: str, request: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """A request to the VM's shim (pause, resume, stats, disk hot-plug, snapshots, migration)."""
         from cocon.isolation import microvm_shim
 
         return microvm_shim.control(self.runtime_root, instance_id, request, timeout)
-
-    def pause(self, instance_id: str) -> None:
-        self.control(instance_id, {"op": "pause"})
-
-    def resume(self, instance_id: str) -> None:
-        self.control(instance_id, {"op": "resume"})
 
     def top(self, instance_id: str) -> dict[str, Any]:
         raise IsolationError("a full VM's processes are its own: use cocon vm console (or ssh) to see them")

@@ -209,7 +209,7 @@ class VmShim(Shim):
         self.qemu_fd = os.pidfd_open(self.vm.pid)
         self.sel.register(self.qemu_fd, selectors.EVENT_READ, self._qemu_exited)
         self.sel.register(self.listener, selectors.EVENT_READ, self._accept)
-        self._vm_signals()
+        self._signals()  # the microVM shim's wake-up pipe; _signal_event below handles them
         self._stdin_source()
         while self.exit_code is None:
             for key, events in self.sel.select(1.0):
@@ -367,18 +367,7 @@ class VmShim(Shim):
             self.console.setblocking(False)
 
     # --- signals -----------------------------------------------------------------------------------
-    def _vm_signals(self) -> None:
-        rd, wr = socket.socketpair()
-        rd.setblocking(False)
-        wr.setblocking(False)
-        signal.set_wakeup_fd(wr.fileno(), warn_on_full_buffer=False)
-        self._wake = (rd, wr)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                    signal.SIGHUP, signal.SIGWINCH, signal.SIGCONT):  # fmt: skip
-            signal.signal(sig, lambda *_: None)
-        self.sel.register(rd, selectors.EVENT_READ, self._vm_signal_event)
-
-    def _vm_signal_event(self, key: selectors.SelectorKey, events: int) -> None:
+    def _signal_event(self, key: selectors.SelectorKey, events: int) -> None:
         try:
             data = self._wake[0].recv(256)
         except BlockingIOError:
