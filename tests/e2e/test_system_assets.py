@@ -191,7 +191,7 @@ def test_info_shows_tcg_with_the_reason_and_the_guest_kernel(node: Node, built: 
     microvm = doc["Cocon"]["MicroVM"]
     assert microvm["Assets"] == "ready" and microvm["Accelerator"] == "tcg" and microvm["AcceleratorReason"]
     assert microvm["KernelRelease"] == release and RFC3339.match(microvm["Probed"])
-    assert doc["Isolation"] == "process" and doc["Cocon"]["DockerIsolation"] == ["process", "hyperv"]
+    assert doc["Isolation"] == "process" and doc["Cocon"]["DockerIsolation"] == ["process", "hyperv", "vm"]
     assert any("TCG" in w for w in doc["Warnings"])
     native = node.daemon.request("GET", "/cocon/v1/info").json()["MicroVM"]
     assert native == microvm
