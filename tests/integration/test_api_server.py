@@ -593,7 +593,9 @@ def test_openapi_document_with_schemathesis(daemon: Daemon, tmp_path: Any) -> No
             run()
     assert set(calls) == {
         "/cocon/v1/images/save", "/cocon/v1/info", "/cocon/v1/openapi.json", "/cocon/v1/networks/{id}/policy",
-        "/cocon/v1/networks/{id}/policy/{rule}", "/cocon/v1/system/assets",
+        "/cocon/v1/networks/{id}/policy/{rule}", "/cocon/v1/system/assets", "/cocon/v1/vms", "/cocon/v1/vms/{id}",
+        "/cocon/v1/vms/{id}/disks", "/cocon/v1/vms/{id}/disks/{volume}", "/cocon/v1/vms/{id}/snapshots",
+        "/cocon/v1/vms/{id}/snapshots/{name}", "/cocon/v1/vms/{id}/snapshots/{name}/restore",
     }  # fmt: skip
     assert calls["/cocon/v1/images/save"] >= 20
     assert daemon.request("GET", "/_ping").status == 200
