@@ -238,19 +238,8 @@ class Shim:
         share = os.path.join(self.dir, "share")
         os.makedirs(share, 0o700, exist_ok=True)
         for host, name in binds:
-            target = os.path.join(share, name)
-            try:
-                if os.path.isdir(host):
-                    os.makedirs(target, exist_ok=True)
-                else:
-                    open(target, "a").close()
-                L.mount(host, target, None, L.MS_BIND | L.MS_REC)
-            except OSError as exc:
-                raise ShimError(f"cannot share {host} with the microVM: {exc.strerror}") from None
-        netns = next(
-            (ns.get("path") for ns in (self.config.get("linux") or {}).get("namespaces") or []
-             if ns.get("type") == "network" and ns.get("path")), None,
-        )  # fmt: skip
+            bind_into_share(share, host, name)
+        netns = netns_path(self.config)
         network: dict[str, Any] | None = None
         if netns:
             network = _enter_netns(netns)
@@ -747,6 +736,29 @@ def _tty_size(fd: int) -> tuple[int, int]:
 
     rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
     return rows, cols
+
+
+def bind_into_share(share: str, host: str, name: str) -> None:
+    """Bind `host` (a directory or a file) at `share/name`, the directory QEMU exports over 9p."""
+    from cocon import _linux as L
+
+    target = os.path.join(share, name)
+    try:
+        if os.path.isdir(host):
+            os.makedirs(target, exist_ok=True)
+        else:
+            open(target, "a").close()
+        L.mount(host, target, None, L.MS_BIND | L.MS_REC)
+    except OSError as exc:
+        raise ShimError(f"cannot share {host} with the VM: {exc.strerror}") from None
+
+
+def netns_path(config: dict[str, Any]) -> str | None:
+    """The network namespace a runtime config joins by path (the instance's), None without one."""
+    return next(
+        (ns.get("path") for ns in (config.get("linux") or {}).get("namespaces") or []
+         if ns.get("type") == "network" and ns.get("path")), None,
+    )  # fmt: skip
 
 
 # --- networking: the instance's netns, a tap joined to its veth -----------------------------------

@@ -41,7 +41,9 @@ from cocon.isolation.microvm_shim import (
     _write_all,
     _write_state,
     assets_root,
+    bind_into_share,
     main,
+    netns_path,
 )
 
 #: Seconds QEMU gets to open its sockets.
@@ -76,21 +78,10 @@ class VmShim(Shim):
             os.makedirs(share, 0o700, exist_ok=True)
             share_list, written = share_binds(self.config)
             for host, destination, name in share_list:
-                target = os.path.join(share, name)
-                try:
-                    if os.path.isdir(host):
-                        os.makedirs(target, exist_ok=True)
-                    else:
-                        open(target, "a").close()
-                    L.mount(host, target, None, L.MS_BIND | L.MS_REC)
-                except OSError as exc:
-                    raise ShimError(f"cannot share {host} with the VM: {exc.strerror}") from None
+                bind_into_share(share, host, name)
                 binds.append((destination, name))
             shares = (Share(share, SHARE_TAG),) if binds else ()
-        netns = next(
-            (ns.get("path") for ns in (self.config.get("linux") or {}).get("namespaces") or []
-             if ns.get("type") == "network" and ns.get("path")), None,
-        )  # fmt: skip
+        netns = netns_path(self.config)
         self.network: dict[str, Any] | None = _enter_netns(netns) if netns else None
         if self.network == {}:
             self.network = None
