@@ -135,13 +135,16 @@ def start_daemon(
     run: str | None = None,
     env: dict[str, str] | None = None,
     wait: bool = True,
+    prefix: list[str] | None = None,
 ) -> Daemon:
     if root is None or run is None:
         root, run = new_roots(base)
     log_path = os.path.join(base, f"daemon-{time.monotonic_ns()}.log")
     full_env = dict(os.environ, COCON_ROOT=root, COCON_RUN=run, **(env or {}))
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([COCON, "daemon", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(  # `prefix`: e.g. nsenter into a network namespace
+            [*(prefix or []), COCON, "daemon", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
     daemon = Daemon(root=root, run=run, proc=proc, log_path=log_path, extra=list(args))
     if wait:
         try:

@@ -360,6 +360,10 @@ class Client:
         """`DELETE /cocon/v1/vms/{id}/disks/{volume}`."""
         raise NotImplementedError
 
+    def vm_migrate(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """`POST /cocon/v1/vms/{id}/migrate` {To, Token, SharedStorage, DowntimeLimitMs}."""
+        raise NotImplementedError
+
     def vm_snapshots(self, name: str) -> list[dict[str, Any]]:
         """`GET /cocon/v1/vms/{id}/snapshots`."""
         raise NotImplementedError

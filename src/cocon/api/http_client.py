@@ -653,6 +653,10 @@ class HTTPClient(ContainerRequests):
     def vm_disk_detach(self, name: str, volume: str) -> None:
         self.call("DELETE", f"/cocon/v1/vms/{quote(name)}/disks/{quote(volume)}")
 
+    def vm_migrate(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("POST", f"/cocon/v1/vms/{quote(name)}/migrate", doc=spec)
+        return result
+
     def vm_snapshots(self, name: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self.call("GET", f"/cocon/v1/vms/{quote(name)}/snapshots")
         return result

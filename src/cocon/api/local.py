@@ -459,6 +459,12 @@ class LocalClient(Client):
 
         self._networks(detach_disk, name, volume)
 
+    def vm_migrate(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        from cocon.engine.vm_migration import migrate_vm
+
+        result: dict[str, Any] = self._networks(migrate_vm, name, spec)
+        return result
+
     def vm_snapshots(self, name: str) -> list[dict[str, Any]]:
         from cocon.engine import vm_snapshots
 

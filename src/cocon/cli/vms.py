@@ -6,6 +6,7 @@
     cocon vm start NAME [--console]      cocon vm stop NAME [-t SECONDS]
     cocon vm console NAME                (detach: Ctrl-])
     cocon vm ls [-a] [--format json]     cocon vm rm NAME [-f] [--delete-disk]
+    cocon vm migrate NAME --to unix:///PATH|tcp://ADDR:PORT [--auth-token-file FILE] [--shared-storage]
 
 A VM is an instance (isolation vm): `cocon ps`, `inspect`, `logs` (its serial console) and `rm` see
 it too; an image-based one (`cocon run --isolation vm IMAGE`) is listed by `cocon vm ls` as well.
@@ -77,6 +78,26 @@ def register(sub: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("volume", metavar="VOLUME")
     p.set_defaults(func=cmd_detach_disk)
+    p = vsub.add_parser(
+        "migrate", help="live-migrate a running VM to another cocon daemon (its disk copied along)",
+        description="Move a running VM to another cocon daemon with QEMU's live migration: the disk is "
+        "mirrored while the guest runs (unless --shared-storage), then its memory; the guest pauses only "
+        "for the last pages. It keeps its name and its address on each network (the target needs those "
+        "networks, with subnets that hold the addresses, and the image of a VM made from one). On success "
+        "the VM is removed here; on failure it runs on here and nothing is left on the target.",
+    )  # fmt: skip
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--to", required=True, metavar="URI",
+                   help="the target daemon: unix:///PATH/cocon.sock or tcp://ADDR:PORT")  # fmt: skip
+    p.add_argument("--auth-token-file", metavar="FILE",
+                   help="the bearer token of a TCP target (its daemon's --auth-token-file)")  # fmt: skip
+    p.add_argument("--shared-storage", action="store_true",
+                   help="the disk is on storage the target sees at the same path: no copy")  # fmt: skip
+    p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
+                   help="the pause QEMU aims for at the switch-over, in ms (default 300)")  # fmt: skip
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text (default) or json (the measurements)")  # fmt: skip
+    p.set_defaults(func=cmd_migrate)
     p = vsub.add_parser("ls", aliases=["list"], help="list VMs")
     p.add_argument("-a", "--all", action="store_true", help="stopped VMs too")
     p.add_argument("-q", "--quiet", action="store_true", help="print only names")
@@ -225,6 +246,40 @@ def cmd_attach_disk(client: Client, args: argparse.Namespace) -> int:
 def cmd_detach_disk(client: Client, args: argparse.Namespace) -> int:
     client.vm_disk_detach(args.name, args.volume)
     print(args.volume)
+    return 0
+
+
+def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
+    import sys
+
+    spec: dict[str, Any] = {"To": args.to, "SharedStorage": args.shared_storage,
+                            "DowntimeLimitMs": args.downtime_limit}  # fmt: skip
+    if args.downtime_limit <= 0:
+        output.error("--downtime-limit must be a positive number of milliseconds")
+        return 2
+    if args.auth_token_file:
+        try:
+            with open(args.auth_token_file) as f:
+                spec["Token"] = f.read().strip()
+        except OSError as exc:
+            output.error(f"cannot read --auth-token-file {args.auth_token_file}: {exc.strerror}")
+            return 2
+    if sys.stderr.isatty() and args.format == "text":
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"migrating {args.name} to {args.to} (disk, then memory)…"):
+            result = client.vm_migrate(args.name, spec)
+    else:
+        result = client.vm_migrate(args.name, spec)
+    if args.format == "json":
+        output.json_doc(result)
+        return 0
+    print(
+        f"{args.name} moved to {result['To']} (id {result['Id'][:12]}): downtime {result['DowntimeMs']} ms, "
+        f"total {result['TotalMs'] / 1000:.1f} s (disk {output.human_size(result['DiskBytes'])} in "
+        f"{result['DiskMs'] / 1000:.1f} s, memory {output.human_size(result['RamBytes'])} in "
+        f"{result['RamMs'] / 1000:.1f} s)"
+    )
     return 0
 
 

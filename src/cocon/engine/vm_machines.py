@@ -76,6 +76,8 @@ def prepare(e: Engine, rec: InstanceRecord, rootfs: str | None) -> dict[str, Any
                 })  # fmt: skip
     except VolumeError as exc:
         raise EngineError(str(exc)) from None
+    if settings.get("Incoming"):  # the target of a live migration: QEMU waits for the source's state
+        machine["incoming"] = "defer"
     if settings.get("LoadVm"):  # a --memory snapshot restored while stopped: resume from it, once
         machine["loadvm"] = settings["LoadVm"]
         config = dict(rec.config)
@@ -94,8 +96,10 @@ def _image_machine(
     try:
         # the base's filesystem has the default size; a larger --disk-size grows the instance's
         # overlay (the guest grows its filesystem with resize2fs)
-        base = _image_base(e, rec, disks)
-        root = disks.instance_disk(rec.id, base, size=size if size > DEFAULT_DISK_SIZE else None)
+        root = str(disks.instance_path(rec.id))
+        if not os.path.exists(root):  # else made before (or by a migration: a full copy, no base)
+            grow = size if size > DEFAULT_DISK_SIZE else None
+            root = disks.instance_disk(rec.id, _image_base(e, rec, disks), size=grow)
     except VolumeError as exc:
         raise EngineError(f"cannot make the VM's root disk: {exc}") from None
     body = rec.config.get("Create") or {}

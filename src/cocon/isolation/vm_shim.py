@@ -81,6 +81,10 @@ class VmShim(Shim):
                 bind_into_share(share, host, name)
                 binds.append((destination, name))
             shares = (Share(share, SHARE_TAG),) if binds else ()
+        from cocon.isolation.vm_migration import ShimMigration
+
+        self.migration = ShimMigration(self)  # before joining the instance's network namespace
+        self.incoming = bool(machine.get("incoming"))
         netns = netns_path(self.config)
         self.network: dict[str, Any] | None = _enter_netns(netns) if netns else None
         if self.network == {}:
@@ -147,6 +151,7 @@ class VmShim(Shim):
             reboot=bool(machine.get("reboot", self.mode != "cmd")), paused=True,
             incoming=machine.get("incoming"), fw_cfg=fw_cfg, console=console,
         )  # fmt: skip
+        self.shares = shares
         self.vm = Qemu(config, self.dir)
         self.vm.start(timeout=QEMU_START_TIMEOUT, die_with_parent=True)
         self.console = _connect(console_socket)
@@ -154,7 +159,10 @@ class VmShim(Shim):
         self.control_buffer = b""
         self.command_exit: int | None = None
         #: "cmd" mode: console input and control requests held until the guest's init listens
-        self.pending: list[tuple[str, bytes]] | None = [] if self.control_line is not None else None
+        #: (a migrating guest is past that point)
+        self.pending: list[tuple[str, bytes]] | None = (
+            [] if self.control_line is not None and not self.incoming else None
+        )
         if self.network is not None:
             _connect_tap(self.network)
             self.dhcp = self._dhcp()
@@ -207,6 +215,7 @@ class VmShim(Shim):
                 key.data(key, events)
         self._drain_console()
         self.vm.kill()
+        self.migration.close()
         return self.exit_code
 
     def _console_output(self, key: selectors.SelectorKey, events: int) -> None:
@@ -390,10 +399,29 @@ class VmShim(Shim):
         assert self.vm is not None
         op = request.get("op")
         if op == "start":
-            self.vm.qmp("cont")
-            self.status = "running"
+            if self.incoming:  # the guest runs once the source has handed over (migrate-finish)
+                self.status = "paused"
+            else:
+                self.vm.qmp("cont")
+                self.status = "running"
             self._save_state()
             return {"ok": True}
+        if op == "migrate-listen":
+            if not self.incoming:
+                return {"ok": False, "error": "this VM was not started as a migration target"}
+            return self.migration.listen(request)
+        if op == "migrate-finish":
+            reply = self.migration.finish()
+            self.incoming = False
+            self.status = "running"
+            self._save_state()
+            return reply
+        if op == "migrate-out":
+            if self.status != "running":
+                return {"ok": False, "error": f"only a running VM migrates (this one is {self.status})"}
+            return self.migration.send(request)
+        if op == "migrate-resume":
+            return self.migration.resume()
         if op == "signal":
             self._deliver(int(request.get("signal", 15)))
             return {"ok": True}
@@ -406,7 +434,7 @@ class VmShim(Shim):
             self.vm.powerdown()
             return {"ok": True}
         if op == "status":
-            return {"ok": True, "status": self.vm.status(), "mode": self.mode}
+            return {"ok": True, "status": self.vm.status(), "mode": self.mode, "shares": bool(self.shares)}
         if op == "stats":
             return {"ok": True, **_qemu_stats(self.vm.pid or 0, self.memory_mib)}
         if op == "disk-add":

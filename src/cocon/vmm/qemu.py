@@ -508,6 +508,27 @@ class Qemu:
             self._check_alive(f"during QMP {command}")
             raise QemuError(f"QMP {command} failed: {exc}") from exc
 
+    def pass_fd(self, name: str, fd: int, *, timeout: float = 5.0) -> None:
+        """Hand QEMU a file descriptor (SCM_RIGHTS on the QMP socket, then `getfd`) under `name`, for
+        arguments that take "fd:NAME" or a SocketAddress of type fd. QEMU gets its own copy."""
+        from qemu.qmp import ExecuteError, QMPError
+
+        if self._qmp is None or self._loop is None:
+            raise QemuError("QMP is not connected: start() the QEMU first (with qmp=True)")
+        client = self._qmp
+
+        async def send() -> None:
+            client.send_fd_scm(fd)  # in the loop's thread: nothing else writes to the socket meanwhile
+            await client.execute("getfd", {"fdname": name})
+
+        try:
+            self._loop.run(send(), timeout)
+        except ExecuteError as exc:
+            raise QemuError(f"QMP getfd {name} failed: {exc.error.error.desc}") from exc
+        except (QMPError, OSError, TimeoutError) as exc:
+            self._check_alive("while passing a file descriptor")
+            raise QemuError(f"cannot pass {name} to QEMU: {exc}") from exc
+
     def status(self) -> str:
         """The VM's run state from query-status: "running", "paused", "shutdown", …"""
         return str(self.qmp("query-status")["status"])

@@ -4,6 +4,8 @@
 |---|---|
 | `POST /cocon/v1/vms` | create a VM from a disk or ISO (cocon.engine.vms.create_vm): 201 {Id, Warnings} |
 | `GET /cocon/v1/vms` | the VMs (`all=0`: running only): name, state, machine, disk, addresses |
+| `POST /cocon/v1/vms/{id}/migrate` | live-migrate to another daemon (cocon.engine.vm_migration) |
+| `POST /cocon/v1/vms/incoming`, `…/incoming/{id}/finish`, `DELETE …/incoming/{id}` | the target's side |
 
 Start, stop (ACPI, then force), attach (the serial console), inspect and remove are the container
 routes: a VM is an instance. Their part of the native OpenAPI document is `OPENAPI_PATHS`.
@@ -92,7 +94,39 @@ async def detach_disk(request: web.Request) -> web.StreamResponse:
     return no_content()
 
 
+async def migrate_vm(request: web.Request) -> web.StreamResponse:
+    from cocon.engine.vm_migration import migrate_vm as migrate
+
+    raw = await json_body(request, required=True)
+    return json_response(await ctx_of(request).call(migrate, request.match_info["id"], raw))
+
+
+async def incoming_vm(request: web.Request) -> web.StreamResponse:
+    from cocon.engine.vm_migration import prepare_incoming
+
+    raw = await json_body(request, required=True)
+    return json_response(await ctx_of(request).call(prepare_incoming, raw), 201)
+
+
+async def finish_incoming_vm(request: web.Request) -> web.StreamResponse:
+    from cocon.engine.vm_migration import finish_incoming
+
+    return json_response(await ctx_of(request).call(finish_incoming, request.match_info["id"]))
+
+
+async def abort_incoming_vm(request: web.Request) -> web.StreamResponse:
+    from cocon.api.docker.common import no_content
+    from cocon.engine.vm_migration import abort_incoming
+
+    await ctx_of(request).call(abort_incoming, request.match_info["id"])
+    return no_content()
+
+
 def register(app: web.Application) -> None:
+    app.router.add_post("/cocon/v1/vms/incoming", incoming_vm)
+    app.router.add_post("/cocon/v1/vms/incoming/{id}/finish", finish_incoming_vm)
+    app.router.add_delete("/cocon/v1/vms/incoming/{id}", abort_incoming_vm)
+    app.router.add_post("/cocon/v1/vms/{id}/migrate", migrate_vm)
     app.router.add_post("/cocon/v1/vms", create_vm)
     app.router.add_get("/cocon/v1/vms", list_vms, allow_head=False)
     app.router.add_delete("/cocon/v1/vms/{id}", remove_vm)
@@ -304,7 +338,92 @@ OPENAPI_PATHS["/cocon/v1/vms/{id}/disks/{volume}"] = {
     },
 }
 
+OPENAPI_PATHS["/cocon/v1/vms/{id}/migrate"] = {
+    "post": {
+        "operationId": "vmMigrate",
+        "summary": "Live-migrate a running VM to another cocon daemon (docs/vm-migration.md)",
+        "parameters": [_ID],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/VmMigrate"}}},
+        },
+        "responses": {
+            "200": {
+                "description": "moved: its Id on the target and what the migration measured",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/VmMigrated"}}},
+            },
+            "400": _err("bad target address, 9p shares or disk volumes attached"),
+            "404": _err("no such VM"),
+            "409": _err("not running, or the target refused or failed (the VM runs on here)"),
+        },
+    },
+}
+OPENAPI_PATHS["/cocon/v1/vms/incoming"] = {
+    "post": {
+        "operationId": "vmIncoming",
+        "summary": "(between daemons) Prepare an instance that waits for a VM migrated here",
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "responses": {
+            "201": {
+                "description": "waiting: where to send the disks and the migration stream",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "400": _err("bad request, network or ISO missing here"),
+            "404": _err("the image is not here"),
+            "409": _err("the name is taken"),
+        },
+    },
+}
+OPENAPI_PATHS["/cocon/v1/vms/incoming/{id}"] = {
+    "delete": {
+        "operationId": "vmIncomingAbort",
+        "summary": "(between daemons) Give up an incoming migration: the instance and its disks go",
+        "parameters": [_ID],
+        "responses": {
+            "204": {"description": "removed"},
+            "404": _err("no such VM"),
+            "409": _err("not waiting for a migration"),
+        },
+    },
+}
+OPENAPI_PATHS["/cocon/v1/vms/incoming/{id}/finish"] = {
+    "post": {
+        "operationId": "vmIncomingFinish",
+        "summary": "(between daemons) The source handed over: run the migrated guest here",
+        "parameters": [_ID],
+        "responses": {
+            "200": {
+                "description": "running",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+            "404": _err("no such VM"),
+            "409": _err("not waiting for a migration, or the migration did not complete"),
+        },
+    },
+}
+
 OPENAPI_SCHEMAS: dict[str, Any] = {
+    "VmMigrate": {
+        "type": "object",
+        "required": ["To"],
+        "properties": {
+            "To": {"type": "string", "description": "the target daemon: unix:///PATH or tcp://ADDR:PORT"},
+            "Token": {"type": "string", "description": "the target's bearer token (TCP)"},
+            "SharedStorage": {"type": "boolean", "description": "the disk is at the same path there"},
+            "DowntimeLimitMs": {"type": "integer", "minimum": 1},
+        },
+    },
+    "VmMigrated": {
+        "type": "object",
+        "properties": {
+            "Id": {"type": "string"}, "Name": {"type": "string"}, "To": {"type": "string"},
+            "DowntimeMs": {"type": "integer"}, "RamMs": {"type": "integer"}, "TotalMs": {"type": "integer"},
+            "DiskMs": {"type": "integer"}, "RamBytes": {"type": "integer"}, "DiskBytes": {"type": "integer"},
+        },
+    },
     "VmCreate": {
         "type": "object",
         "required": ["Name", "Disk"],

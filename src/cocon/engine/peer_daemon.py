@@ -1,0 +1,107 @@
+"""Requests from this daemon to another cocon daemon (the target of `cocon vm migrate`).
+
+    unix:///run/cocon/cocon.sock        a daemon on this machine (its root-only socket)
+    tcp://ADDR:PORT                     a daemon listening on TCP (with --auth-token-file: the token
+                                        travels as `Authorization: Bearer`)
+
+http.client is enough for a handful of JSON requests; the daemon's own CLI client (cocon.api.http_client)
+speaks only to a local socket.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from cocon.engine.errors import InvalidRequest
+
+
+class PeerError(Exception):
+    """The other daemon could not be reached, or refused (its message is kept)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    transport: str  # "unix" or "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.transport == "unix":
+            return f"unix://{self.path}"
+        return f"tcp://[{self.host}]:{self.port}" if ":" in self.host else f"tcp://{self.host}:{self.port}"
+
+
+def parse_peer(uri: str) -> PeerAddress:
+    """`unix:///PATH` or `tcp://ADDR:PORT` (IPv6 as `tcp://[::1]:2376`); InvalidRequest otherwise."""
+    if uri.startswith("unix://"):
+        path = uri[len("unix://") :]
+        if not path.startswith("/"):
+            raise InvalidRequest(f"--to {uri}: give the daemon's socket as unix:///PATH (an absolute path)")
+        return PeerAddress("unix", path=path)
+    if uri.startswith("tcp://"):
+        rest = uri[len("tcp://") :].rstrip("/")
+        host, sep, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidRequest(f"--to {uri}: give tcp://ADDR:PORT, e.g. tcp://192.0.2.7:2376")
+        return PeerAddress("tcp", host=host, port=int(port))
+    raise InvalidRequest(f"--to {uri}: use unix:///PATH (a daemon on this machine) or tcp://ADDR:PORT")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("cocon", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+class PeerDaemon:
+    """JSON requests to the daemon at `address`."""
+
+    def __init__(self, address: PeerAddress, *, token: str | None = None) -> None:
+        self.address = address
+        self.token = token
+
+    def call(self, method: str, path: str, doc: Any = None, *, timeout: float = 300.0) -> Any:
+        if self.address.transport == "unix":
+            conn: http.client.HTTPConnection = _UnixConnection(self.address.path, timeout)
+        else:
+            conn = http.client.HTTPConnection(self.address.host, self.address.port, timeout=timeout)
+        headers = {"Content-Type": "application/json", "User-Agent": "cocon-migrate"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        body = json.dumps(doc).encode() if doc is not None else None
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise PeerError(f"cannot reach the cocon daemon at {self.address}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(data) if data else None
+        except ValueError:
+            answer = None
+        if response.status >= 400:
+            message = answer.get("message") if isinstance(answer, dict) else None
+            if response.status == 401:
+                message = "it refused the credentials: give its token with --auth-token-file"
+            raise PeerError(
+                f"the cocon daemon at {self.address} refused: {message or response.reason}", response.status
+            )
+        return answer

@@ -1,0 +1,193 @@
+"""Live migration of a running VM between two real daemons (`cocon vm migrate`), under TCG.
+
+The target daemon has its own root and its own network namespace, reached over a veth pair as another
+host would be: its API on TCP with a bearer token, QEMU's migration stream and the NBD disk copy on
+TCP too. The guest is busybox run by cocon's init (`--isolation vm`): a shell counter prints on the
+console once a second, so the target's logs show whether it went on or started again; the command
+also writes a file to its root disk first, which a later restart on the target reads back (the disk
+was copied, not shared)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from cli_helpers import COCON
+from daemon_helpers import Daemon, new_roots, start_daemon, stop_and_clean
+from vm_helpers import kill_processes
+
+HOST_ADDR, TARGET_ADDR = "10.251.77.1", "10.251.77.2"
+PORT = 23760
+COUNTER = (
+    "cat /state 2>/dev/null || echo none; echo kept > /state; sync; "
+    "i=0; while :; do i=$((i+1)); echo tick $i; sleep 1; done"
+)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Daemon, str]]:
+    """(source daemon, target daemon in its own network namespace, the target's token file)."""
+    base = str(tmp_path_factory.mktemp("vmmigrate"))
+    netns = f"cmig-{secrets.token_hex(3)}"
+    veth = f"cmig{secrets.token_hex(2)}"
+    assets = {"COCON_ASSETS_ROOT": os.path.join(base, "assets")}
+    daemons: list[Daemon] = []
+    _ip("netns", "add", netns)
+    try:
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth-mig", "netns", netns)
+        _ip("addr", "add", f"{HOST_ADDR}/30", "dev", veth)
+        _ip("link", "set", veth, "up")
+        _ip("-n", netns, "addr", "add", f"{TARGET_ADDR}/30", "dev", "eth-mig")
+        _ip("-n", netns, "link", "set", "eth-mig", "up")
+        _ip("-n", netns, "link", "set", "lo", "up")
+        for side in ("a", "b"):
+            os.makedirs(os.path.join(base, side))
+        source = start_daemon(os.path.join(base, "a"), env=assets)
+        daemons.append(source)
+        root, run = new_roots(os.path.join(base, "b"))
+        token = os.path.join(base, "token")
+        with open(token, "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
+            f.write(secrets.token_hex(16))
+        target = start_daemon(
+            os.path.join(base, "b"), "-H", f"unix://{run}/cocon.sock", "-H", f"tcp://{TARGET_ADDR}:{PORT}",
+            "--auth-token-file", token, root=root, run=run, env=assets,
+            prefix=["nsenter", f"--net=/run/netns/{netns}"],
+        )  # fmt: skip
+        daemons.append(target)
+        yield source, target, token
+    finally:
+        failures = []
+        for d in daemons:
+            code, log = stop_and_clean(d)
+            left = kill_processes(d.run) + kill_processes(d.run, b"python")
+            if left or code != 0 or "Traceback" in log:
+                failures.append(f"daemon {d.run}: exit {code}, left {left}\n{log[-3000:]}")
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        assert not failures, "\n".join(failures)
+
+
+def cocon(
+    d: Daemon, *args: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([COCON, *args], env=d.env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc
+    return proc
+
+
+def ticks(d: Daemon, name: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^tick (\d+)", cocon(d, "logs", name, check=False).stdout, re.M)]
+
+
+def wait_for(condition: object, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+def address(d: Daemon, name: str) -> str:
+    doc = json.loads(cocon(d, "inspect", name).stdout)[0]
+    networks = doc["NetworkSettings"]["Networks"]
+    return str(next(iter(networks.values()))["IPAddress"])
+
+
+def test_a_running_vm_moves_with_its_memory_disk_and_address(hosts: tuple[Daemon, Daemon, str]) -> None:
+    source, target, token = hosts
+    name = "mover"
+    try:
+        cocon(source, "run", "-d", "--name", name, "--isolation", "vm", "-m", "512m", "busybox", "sh", "-c",
+              COUNTER)  # fmt: skip
+        wait_for(lambda: len(ticks(source, name)) >= 3, "the counter never started on the source")
+        ip = address(source, name)
+        before = ticks(source, name)[-1]
+        p = cocon(source, "vm", "migrate", name, "--to", f"tcp://{TARGET_ADDR}:{PORT}", "--auth-token-file",
+                  token, "--format", "json", timeout=900)  # fmt: skip
+        result = json.loads(p.stdout)
+        assert result["Name"] == name and result["DowntimeMs"] >= 0 and result["RamBytes"] > 0
+        assert result["DiskBytes"] > 0  # the root disk was copied
+        # gone here, running there with the same address
+        assert cocon(source, "ps", "-a", "-q", "--filter", f"name={name}").stdout.strip() == ""
+        assert kill_processes(source.run) == []
+        assert json.loads(cocon(target, "inspect", name).stdout)[0]["State"]["Running"] is True
+        assert address(target, name) == ip
+        # the counter went on from where it was: the guest's memory moved, it did not boot again
+        wait_for(lambda: len(ticks(target, name)) >= 3, "the counter does not go on on the target")
+        after = ticks(target, name)
+        assert after[0] > before and after[0] <= before + 60, (before, after)
+        assert after == list(range(after[0], after[0] + len(after)))
+        assert "none" not in cocon(target, "logs", name).stdout  # the command did not start over
+        # the guest answers on its address from a container on the target's network
+        ping = cocon(target, "run", "--rm", "busybox", "ping", "-c", "1", "-W", "5", ip, check=False)
+        assert ping.returncode == 0, ping
+        # its disk came along: the command, started again there, reads what it wrote at the source
+        cocon(target, "stop", "-t", "5", name)
+        cocon(target, "start", name)
+        wait_for(lambda: "kept" in cocon(target, "logs", name).stdout, "the disk's file did not come along")
+    finally:
+        cocon(source, "rm", "-f", name, check=False)
+        cocon(target, "rm", "-f", name, check=False)
+
+
+def test_a_refused_migration_leaves_the_vm_running_here(hosts: tuple[Daemon, Daemon, str]) -> None:
+    source, target, token = hosts
+    name = "stayer"
+    to = f"tcp://{TARGET_ADDR}:{PORT}"
+    try:
+        cocon(source, "run", "-d", "--name", name, "--isolation", "vm", "busybox", "sh", "-c", COUNTER)
+        wait_for(lambda: len(ticks(source, name)) >= 1, "the counter never started")
+        # a wrong token: the target refuses
+        wrong = token + ".wrong"
+        with open(wrong, "w") as f:
+            f.write("not-the-token")
+        p = cocon(source, "vm", "migrate", name, "--to", to, "--auth-token-file", wrong, check=False)
+        assert p.returncode != 0 and "--auth-token-file" in p.stderr and "runs on here" in p.stderr, p
+        # the name is taken there: refused before anything moves
+        cocon(target, "create", "--name", name, "busybox", "true")
+        p = cocon(source, "vm", "migrate", name, "--to", to, "--auth-token-file", token, check=False)
+        assert p.returncode != 0 and f"named {name} exists" in p.stderr, p
+        cocon(target, "rm", name)
+        # the image of a VM made from one must be there first
+        context = os.path.join(source.root, "..", "ctx")
+        os.makedirs(context, exist_ok=True)
+        with open(os.path.join(context, "Containerfile"), "w") as f:
+            f.write("FROM busybox\nLABEL only.here=1\n")
+        cocon(source, "build", "-t", "onlyhere", context)
+        cocon(source, "run", "-d", "--name", "onlyhere", "--isolation", "vm", "onlyhere", "sleep", "600")
+        p = cocon(source, "vm", "migrate", "onlyhere", "--to", to, "--auth-token-file", token, check=False)
+        assert p.returncode != 0 and "pull or load it here first" in p.stderr, p
+        cocon(source, "rm", "-f", "onlyhere")
+        # a bad address: nothing listens there
+        p = cocon(source, "vm", "migrate", name, "--to", f"tcp://{TARGET_ADDR}:1", "--auth-token-file", token,
+                  check=False)  # fmt: skip
+        assert p.returncode != 0 and "cannot reach" in p.stderr, p
+        p = cocon(source, "vm", "migrate", name, "--to", "ftp://x", check=False)
+        assert p.returncode != 0 and "tcp://ADDR:PORT" in p.stderr, p
+        # still running here, counting on; nothing on the target
+        count = len(ticks(source, name))
+        wait_for(lambda: len(ticks(source, name)) > count, "the VM stopped counting after the refusals")
+        assert json.loads(cocon(source, "inspect", name).stdout)[0]["State"]["Running"] is True
+        assert cocon(target, "ps", "-a", "-q").stdout.strip() == ""
+        assert kill_processes(target.run) == []
+        # a stopped VM does not migrate
+        cocon(source, "stop", "-t", "5", name)
+        p = cocon(source, "vm", "migrate", name, "--to", to, "--auth-token-file", token, check=False)
+        assert p.returncode != 0 and "only a running VM migrates" in p.stderr, p
+    finally:
+        cocon(source, "rm", "-f", name, check=False)
+        cocon(target, "rm", "-f", name, check=False)
