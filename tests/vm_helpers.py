@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 def processes_naming(marker: str, program: bytes = b"qemu-system") -> list[int]:
@@ -73,3 +76,59 @@ def build_debian_vm(base: str) -> tuple[str, str]:
     finally:
         stop_and_clean(d)
     return archive, disk
+
+
+# --- two daemons, the second as another host would be (for live migration) ---------------------------
+
+TARGET_HOST_ADDR, TARGET_ADDR, TARGET_PORT = "10.251.77.1", "10.251.77.2", 23760
+
+
+@contextmanager
+def two_hosts(base: str, env: dict[str, str] | None = None) -> Iterator[tuple[Any, Any, str, str]]:
+    """(source daemon, target daemon, the target's token file, the target's URI): the target has its own
+    root and its own network namespace, reached over a veth pair (10.251.77.0/30) as another host would
+    be, its API on TCP with a bearer token (and on its Unix socket). Afterwards both daemons are stopped
+    and cleaned, no VM process of theirs is left, the namespace and the link are gone."""
+    import secrets
+    import subprocess
+
+    from daemon_helpers import Daemon, new_roots, start_daemon, stop_and_clean
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    netns, veth = f"cmig-{secrets.token_hex(3)}", f"cmig{secrets.token_hex(2)}"
+    daemons: list[Daemon] = []
+    ip("netns", "add", netns)
+    try:
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth-mig", "netns", netns)
+        ip("addr", "add", f"{TARGET_HOST_ADDR}/30", "dev", veth)
+        ip("link", "set", veth, "up")
+        ip("-n", netns, "addr", "add", f"{TARGET_ADDR}/30", "dev", "eth-mig")
+        ip("-n", netns, "link", "set", "eth-mig", "up")
+        ip("-n", netns, "link", "set", "lo", "up")
+        for side in ("a", "b"):
+            os.makedirs(os.path.join(base, side))
+        source = start_daemon(os.path.join(base, "a"), env=env)
+        daemons.append(source)
+        root, run = new_roots(os.path.join(base, "b"))
+        token = os.path.join(base, "token")
+        with open(token, "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
+            f.write(secrets.token_hex(16))
+        uri = f"tcp://{TARGET_ADDR}:{TARGET_PORT}"
+        target = start_daemon(
+            os.path.join(base, "b"), "-H", f"unix://{run}/cocon.sock", "-H", uri, "--auth-token-file", token,
+            root=root, run=run, env=env, prefix=["nsenter", f"--net=/run/netns/{netns}"],
+        )  # fmt: skip
+        daemons.append(target)
+        yield source, target, token, uri
+    finally:
+        failures = []
+        for d in daemons:
+            code, log = stop_and_clean(d)
+            left = kill_processes(d.run) + kill_processes(d.run, b"python")
+            if left or code != 0 or "Traceback" in log:
+                failures.append(f"daemon {d.run}: exit {code}, left {left}\n{log[-3000:]}")
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        assert not failures, "\n".join(failures)

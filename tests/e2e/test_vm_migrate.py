@@ -12,73 +12,33 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from cli_helpers import COCON
-from daemon_helpers import Daemon, new_roots, start_daemon, stop_and_clean
-from vm_helpers import kill_processes
+from daemon_helpers import Daemon
+from vm_helpers import TARGET_ADDR, kill_processes, two_hosts
 
-HOST_ADDR, TARGET_ADDR = "10.251.77.1", "10.251.77.2"
-PORT = 23760
 COUNTER = (
     "cat /state 2>/dev/null || echo none; echo kept > /state; sync; "
     "i=0; while :; do i=$((i+1)); echo tick $i; sleep 1; done"
 )
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Daemon, str]]:
-    """(source daemon, target daemon in its own network namespace, the target's token file)."""
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Daemon, str, str]]:
+    """(source daemon, target daemon in its own network namespace, the target's token file, its URI)."""
     base = str(tmp_path_factory.mktemp("vmmigrate"))
-    netns = f"cmig-{secrets.token_hex(3)}"
-    veth = f"cmig{secrets.token_hex(2)}"
-    assets = {"COCON_ASSETS_ROOT": os.path.join(base, "assets")}
-    daemons: list[Daemon] = []
-    _ip("netns", "add", netns)
-    try:
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth-mig", "netns", netns)
-        _ip("addr", "add", f"{HOST_ADDR}/30", "dev", veth)
-        _ip("link", "set", veth, "up")
-        _ip("-n", netns, "addr", "add", f"{TARGET_ADDR}/30", "dev", "eth-mig")
-        _ip("-n", netns, "link", "set", "eth-mig", "up")
-        _ip("-n", netns, "link", "set", "lo", "up")
-        for side in ("a", "b"):
-            os.makedirs(os.path.join(base, side))
-        source = start_daemon(os.path.join(base, "a"), env=assets)
-        daemons.append(source)
-        root, run = new_roots(os.path.join(base, "b"))
-        token = os.path.join(base, "token")
-        with open(token, "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
-            f.write(secrets.token_hex(16))
-        target = start_daemon(
-            os.path.join(base, "b"), "-H", f"unix://{run}/cocon.sock", "-H", f"tcp://{TARGET_ADDR}:{PORT}",
-            "--auth-token-file", token, root=root, run=run, env=assets,
-            prefix=["nsenter", f"--net=/run/netns/{netns}"],
-        )  # fmt: skip
-        daemons.append(target)
-        yield source, target, token
-    finally:
-        failures = []
-        for d in daemons:
-            code, log = stop_and_clean(d)
-            left = kill_processes(d.run) + kill_processes(d.run, b"python")
-            if left or code != 0 or "Traceback" in log:
-                failures.append(f"daemon {d.run}: exit {code}, left {left}\n{log[-3000:]}")
-        subprocess.run(["ip", "link", "del", veth], capture_output=True)
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        assert not failures, "\n".join(failures)
+    with two_hosts(base, {"COCON_ASSETS_ROOT": os.path.join(base, "assets")}) as pair:
+        yield pair
 
 
 def cocon(
@@ -101,14 +61,20 @@ def wait_for(condition: object, what: str, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+def vm_row(d: Daemon, name: str) -> dict[str, Any]:
+    """`cocon vm ls --format json`'s line of VM `name`."""
+    rows = [json.loads(line) for line in cocon(d, "vm", "ls", "--format", "json").stdout.splitlines()]
+    return next(row for row in rows if row["Name"] == name)
+
+
 def address(d: Daemon, name: str) -> str:
     doc = json.loads(cocon(d, "inspect", name).stdout)[0]
     networks = doc["NetworkSettings"]["Networks"]
     return str(next(iter(networks.values()))["IPAddress"])
 
 
-def test_a_running_vm_moves_with_its_memory_disk_and_address(hosts: tuple[Daemon, Daemon, str]) -> None:
-    source, target, token = hosts
+def test_a_running_vm_moves_with_its_memory_disk_and_address(hosts: tuple[Daemon, Daemon, str, str]) -> None:
+    source, target, token, to = hosts
     name = "mover"
     try:
         cocon(source, "run", "-d", "--name", name, "--isolation", "vm", "-m", "512m", "busybox", "sh", "-c",
@@ -116,7 +82,7 @@ def test_a_running_vm_moves_with_its_memory_disk_and_address(hosts: tuple[Daemon
         wait_for(lambda: len(ticks(source, name)) >= 3, "the counter never started on the source")
         ip = address(source, name)
         before = ticks(source, name)[-1]
-        p = cocon(source, "vm", "migrate", name, "--to", f"tcp://{TARGET_ADDR}:{PORT}", "--auth-token-file",
+        p = cocon(source, "vm", "migrate", name, "--to", to, "--auth-token-file",
                   token, "--format", "json", timeout=900)  # fmt: skip
         result = json.loads(p.stdout)
         assert result["Name"] == name and result["DowntimeMs"] >= 0 and result["RamBytes"] > 0
@@ -144,10 +110,9 @@ def test_a_running_vm_moves_with_its_memory_disk_and_address(hosts: tuple[Daemon
         cocon(target, "rm", "-f", name, check=False)
 
 
-def test_a_refused_migration_leaves_the_vm_running_here(hosts: tuple[Daemon, Daemon, str]) -> None:
-    source, target, token = hosts
+def test_a_refused_migration_leaves_the_vm_running_here(hosts: tuple[Daemon, Daemon, str, str]) -> None:
+    source, target, token, to = hosts
     name = "stayer"
-    to = f"tcp://{TARGET_ADDR}:{PORT}"
     try:
         cocon(source, "run", "-d", "--name", name, "--isolation", "vm", "busybox", "sh", "-c", COUNTER)
         wait_for(lambda: len(ticks(source, name)) >= 1, "the counter never started")
@@ -188,6 +153,55 @@ def test_a_refused_migration_leaves_the_vm_running_here(hosts: tuple[Daemon, Dae
         cocon(source, "stop", "-t", "5", name)
         p = cocon(source, "vm", "migrate", name, "--to", to, "--auth-token-file", token, check=False)
         assert p.returncode != 0 and "only a running VM migrates" in p.stderr, p
+    finally:
+        cocon(source, "rm", "-f", name, check=False)
+        cocon(target, "rm", "-f", name, check=False)
+
+
+TICKER = """#cloud-config
+runcmd:
+  - [systemd-run, --unit=ticker, sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i > /dev/ttyS0; sleep 1; done']
+"""
+
+
+def test_a_disk_vm_moves_on_shared_storage_and_back_with_a_copy(
+    hosts: tuple[Daemon, Daemon, str, str], debian_vm: tuple[str, str], tmp_path: Any
+) -> None:
+    """A `cocon vm create` VM (Debian booted by SeaBIOS and GRUB, a cloud-init seed) moves to the daemon
+    on this machine over its Unix socket with --shared-storage (the target opens the same disk file), then
+    back with its disk copied into the daemon's store; the guest's counter runs on through both."""
+    source, target, _, _ = hosts
+    disk, user_data = str(tmp_path / "deb.qcow2"), tmp_path / "user-data"
+    shutil.copyfile(debian_vm[1], disk)
+    user_data.write_text(TICKER)
+    name = "debmover"
+    try:
+        cocon(source, "vm", "create", name, "--disk", disk, "--cloud-init", str(user_data))
+        cocon(source, "vm", "start", name)
+        wait_for(lambda: len(ticks(source, name)) >= 2, "the guest's counter never started", timeout=600)
+        last = ticks(source, name)[-1]
+        p = cocon(source, "vm", "migrate", name, "--to", f"unix://{target.sock}", "--shared-storage",
+                  "--format", "json", timeout=600)  # fmt: skip
+        moved = json.loads(p.stdout)
+        assert moved["DiskBytes"] == 0, moved  # nothing copied: the root disk is shared, the seed sent along
+        vm = vm_row(target, name)
+        assert vm["Disk"] == disk and vm["State"] == "running", vm
+        wait_for(lambda: ticks(target, name) and ticks(target, name)[0] > last, "no tick on the target")
+        assert os.path.exists(disk)  # the source let go of the VM, not of the user's disk
+        # back, the disk copied this time (into the source daemon's store)
+        last = ticks(target, name)[-1]
+        p = cocon(
+            target, "vm", "migrate", name, "--to", f"unix://{source.sock}", "--format", "json", timeout=900
+        )
+        back = json.loads(p.stdout)
+        assert back["DiskBytes"] >= os.path.getsize(debian_vm[1]) // 2, back
+        wait_for(lambda: ticks(source, name) and ticks(source, name)[0] > last, "no tick back at the source")
+        vm = vm_row(source, name)
+        assert vm["Disk"].startswith(source.root) and vm["State"] == "running", vm
+        p = cocon(
+            source, "vm", "migrate", name, "--to", f"unix://{target.sock}", "--shared-storage", check=False
+        )
+        assert p.returncode != 0 and "without --shared-storage" in p.stderr, p
     finally:
         cocon(source, "rm", "-f", name, check=False)
         cocon(target, "rm", "-f", name, check=False)

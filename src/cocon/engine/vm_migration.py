@@ -24,6 +24,8 @@ not copied: the target opens the same file.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +42,17 @@ MIGRATE_FIELDS: dict[str, type | tuple[type, ...]] = {
 #: The fields of `POST /cocon/v1/vms/incoming` (what a source daemon sends).
 INCOMING_FIELDS: dict[str, type | tuple[type, ...]] = {
     "Name": str, "Image": str, "Create": dict, "VM": dict, "Networks": dict, "Disks": dict,
-    "Transport": str, "Host": str, "SharedStorage": bool,
+    "Transport": str, "Host": str, "SharedStorage": bool, "Seed": str,
 }  # fmt: skip
-#: The disks a migration may copy: the root disk and the cloud-init seed (node names in the shim).
-COPIED_NODES = ("root", "seed")
+_SHARED_IMAGE_VM = (
+    "--shared-storage is for VMs made with cocon vm create (their disk is a file of yours): a VM made "
+    "from an image keeps its disk in the daemon's store, and it is always copied"
+)
+#: The disks a migration copies (node names in the shim): the root disk. The cloud-init seed (a small
+#: read-only CD-ROM, which QEMU cannot export writable) travels in the request.
+COPIED_NODES = ("root",)
+#: The largest cloud-init seed a target takes.
+MAX_SEED = 16 << 20
 
 
 def _check_fields(doc: Any, fields: dict[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
@@ -104,6 +113,13 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
             "they do not move with it"
         )
     shared = bool(doc.get("SharedStorage"))
+    if shared and rec.image:
+        raise InvalidRequest(_SHARED_IMAGE_VM)
+    if shared and _in_store(e, str(settings.get("Disk") or "")):
+        raise InvalidRequest(
+            f"the disk of {rec.name} is in this daemon's store (a copying migration put it there), which "
+            "goes with the VM: migrate it without --shared-storage"
+        )
     disks = _disks_to_copy(e, rec, settings, shared)
     peer = PeerDaemon(address, token=doc.get("Token") or None)
     incoming = {
@@ -111,6 +127,9 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
         "Networks": _addresses(e, rec), "Disks": disks, "Transport": address.transport,
         "Host": address.host, "SharedStorage": shared,
     }  # fmt: skip
+    if settings.get("Seed"):
+        with open(str(settings["Seed"]), "rb") as f:
+            incoming["Seed"] = base64.b64encode(f.read()).decode()
     try:
         target = peer.call("POST", "/cocon/v1/vms/incoming", incoming)
     except PeerError as exc:
@@ -146,6 +165,13 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
     return out
 
 
+def _in_store(e: Engine, path: str) -> bool:
+    from cocon.engine.vm_machines import disks_of
+
+    store = os.path.realpath(disks_of(e).instances_dir)
+    return os.path.realpath(path).startswith(store + os.sep)
+
+
 def _abort(peer: Any, tid: str) -> None:
     from cocon.engine.peer_daemon import PeerError
 
@@ -169,17 +195,17 @@ def _disk_volumes(rec: InstanceRecord) -> list[str]:
 
 def _disks_to_copy(e: Engine, rec: InstanceRecord, settings: dict[str, Any], shared: bool) -> dict[str, int]:
     """node → virtual size of the disks the target makes empty and the source mirrors into."""
-    from cocon.engine.vm_snapshots import root_disk
+    from cocon.engine.vm_machines import disks_of
     from cocon.storage import qemu_img
     from cocon.storage.volumes import VolumeError
 
-    paths = {} if shared else {"root": root_disk(e, rec)}
-    if settings.get("Seed"):
-        paths["seed"] = str(settings["Seed"])
+    if shared:
+        return {}
+    root = str(settings.get("Disk") or disks_of(e).instance_path(rec.id))
     try:
-        return {node: qemu_img.info(path, force_share=True).virtual_size for node, path in paths.items()}
+        return {"root": qemu_img.info(root, force_share=True).virtual_size}
     except VolumeError as exc:
-        raise InvalidRequest(f"cannot read the disks of {rec.name}: {exc}") from None
+        raise InvalidRequest(f"cannot read the disk of {rec.name}: {exc}") from None
 
 
 def _addresses(e: Engine, rec: InstanceRecord) -> dict[str, dict[str, Any]]:
@@ -221,6 +247,7 @@ def prepare_incoming(e: Engine, doc: Any) -> dict[str, Any]:
     if not shared and "root" not in disks:
         raise InvalidRequest("Disks needs the root disk's size (or SharedStorage)")
     source_vm = dict(doc.get("VM") or {})
+    seed = _seed(doc.get("Seed"))
     ct = e.containers
     try:
         ct._get(name)
@@ -239,7 +266,9 @@ def prepare_incoming(e: Engine, doc: Any) -> dict[str, Any]:
     iso = source_vm.get("Iso")
     if iso and not os.path.isfile(str(iso)):
         raise InvalidRequest(f"the ISO {iso} of {name} is not on this machine: put it at the same path first")
-    if shared and source_vm.get("Disk") and not os.path.isfile(str(source_vm["Disk"])):
+    if shared and image:
+        raise InvalidRequest(_SHARED_IMAGE_VM)
+    if shared and not os.path.isfile(str(source_vm.get("Disk") or "")):
         raise InvalidRequest(f"the disk {source_vm['Disk']} is not shared with this machine (not found)")
     body = dict(create)
     body.pop("NetworkingConfig", None)  # the addresses are set below (any network, not only --subnet ones)
@@ -266,9 +295,10 @@ def prepare_incoming(e: Engine, doc: Any) -> dict[str, Any]:
                 path = os.path.join(directory, "disk.qcow2")
                 qemu_img.create(path, disks["root"], fmt="qcow2")
                 settings.update(Disk=path, DiskFormat="qcow2", CreatedDisk=True)
-            if "seed" in disks:
+            if seed is not None:
                 settings["Seed"] = os.path.join(directory, "seed.iso")
-                qemu_img.create(settings["Seed"], disks["seed"], fmt="raw")
+                with open(settings["Seed"], "wb") as f:
+                    f.write(seed)
         except VolumeError as exc:
             raise InvalidRequest(f"cannot make the disks of {name}: {exc}") from None
         settings["Incoming"] = True
@@ -298,6 +328,19 @@ def prepare_incoming(e: Engine, doc: Any) -> dict[str, Any]:
         raise
     return {"Id": cid, "Nbd": reply.get("nbd"), "Migration": reply.get("migration"),
             "Exports": reply.get("exports"), "Cookie": reply.get("cookie")}  # fmt: skip
+
+
+def _seed(text: str | None) -> bytes | None:
+    """The cloud-init seed the source sent (base64): an ISO image of at most MAX_SEED bytes."""
+    if text is None:
+        return None
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("Seed must be base64 (the seed ISO's bytes)") from None
+    if len(data) > MAX_SEED or data[0x8001:0x8006] != b"CD001":
+        raise InvalidRequest(f"Seed is not a cloud-init seed ISO (of at most {MAX_SEED >> 20} MiB)")
+    return data
 
 
 def _incoming(e: Engine, ref: str) -> InstanceRecord:
