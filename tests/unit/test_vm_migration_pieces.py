@@ -1,0 +1,119 @@
+"""The pure parts of live migration: the target address of `cocon vm migrate --to`, the checks of the
+requests between daemons, the seed a target takes, and the client that talks to the other daemon (a
+real HTTP server on a Unix socket here; the whole migration is tests/e2e/test_vm_migrate.py)."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import os
+import socketserver
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cocon.engine.errors import InvalidRequest
+from cocon.engine.peer_daemon import PeerAddress, PeerDaemon, PeerError, parse_peer
+from cocon.engine.vm_migration import INCOMING_FIELDS, MAX_SEED, MIGRATE_FIELDS, _check_fields, _seed
+
+
+def test_target_addresses() -> None:
+    assert parse_peer("unix:///run/other/cocon.sock") == PeerAddress("unix", path="/run/other/cocon.sock")
+    assert parse_peer("tcp://192.0.2.7:2376") == PeerAddress("tcp", host="192.0.2.7", port=2376)
+    assert parse_peer("tcp://[2001:db8::7]:2376/") == PeerAddress("tcp", host="2001:db8::7", port=2376)
+    assert str(parse_peer("tcp://[2001:db8::7]:2376")) == "tcp://[2001:db8::7]:2376"
+    for bad, hint in (("unix://relative.sock", "absolute"), ("tcp://host", "ADDR:PORT"),
+                      ("tcp://host:99999", "ADDR:PORT"), ("ssh://host", "unix:///PATH")):  # fmt: skip
+        with pytest.raises(InvalidRequest, match=hint):
+            parse_peer(bad)
+
+
+def test_request_fields_are_checked() -> None:
+    assert _check_fields({"To": "tcp://h:1", "SharedStorage": True}, MIGRATE_FIELDS, "migrate")
+    with pytest.raises(InvalidRequest, match="unknown field 'Speed'"):
+        _check_fields({"To": "x", "Speed": 1}, MIGRATE_FIELDS, "migrate")
+    with pytest.raises(InvalidRequest, match="DowntimeLimitMs has the wrong type"):
+        _check_fields({"DowntimeLimitMs": True}, MIGRATE_FIELDS, "migrate")  # a bool is no number
+    with pytest.raises(InvalidRequest, match="Disks has the wrong type"):
+        _check_fields({"Disks": [1]}, INCOMING_FIELDS, "incoming VM")
+    with pytest.raises(InvalidRequest, match="JSON object"):
+        _check_fields([], INCOMING_FIELDS, "incoming VM")
+
+
+def _iso_bytes() -> bytes:
+    data = bytearray(0x8800)
+    data[0x8000:0x8006] = b"\x01CD001"
+    return bytes(data)
+
+
+def test_the_seed_a_target_takes() -> None:
+    assert _seed(None) is None
+    iso = _iso_bytes()
+    assert _seed(base64.b64encode(iso).decode()) == iso
+    with pytest.raises(InvalidRequest, match="base64"):
+        _seed("not base64!")
+    with pytest.raises(InvalidRequest, match="not a cloud-init seed ISO"):
+        _seed(base64.b64encode(b"#!/bin/sh\nrm -rf /\n").decode())
+    with pytest.raises(InvalidRequest, match="at most 16 MiB"):
+        _seed(base64.b64encode(iso + bytes(MAX_SEED)).decode())
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Authorization") != "Bearer s3cret":
+            self._reply(401, {"message": "unauthorized"})
+        elif self.path == "/conflict":
+            self._reply(409, {"message": "a container or VM named x exists on this daemon"})
+        else:
+            self._reply(201, {"echo": json.loads(body), "path": self.path})
+
+    def _reply(self, status: int, doc: Any) -> None:
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@pytest.fixture
+def other_daemon(tmp_path: Any) -> Iterator[str]:
+    path = str(tmp_path / "other.sock")
+    server = _UnixServer(path, _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        os.unlink(path)
+
+
+def test_the_client_for_the_other_daemon(other_daemon: str) -> None:
+    peer = PeerDaemon(parse_peer(f"unix://{other_daemon}"), token="s3cret")
+    assert peer.call("POST", "/cocon/v1/vms/incoming", {"Name": "vm1"}) == {
+        "echo": {"Name": "vm1"}, "path": "/cocon/v1/vms/incoming",
+    }  # fmt: skip
+    with pytest.raises(PeerError, match="named x exists") as err:
+        peer.call("POST", "/conflict", {})
+    assert err.value.status == 409
+    with pytest.raises(PeerError, match="refused the credentials: give its token with --auth-token-file"):
+        PeerDaemon(parse_peer(f"unix://{other_daemon}"), token="wrong").call("POST", "/x", {})
+    with pytest.raises(PeerError, match="cannot reach the cocon daemon at unix:///nonexistent"):
+        PeerDaemon(parse_peer("unix:///nonexistent/cocon.sock")).call("POST", "/x", {})
