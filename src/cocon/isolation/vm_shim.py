@@ -17,7 +17,8 @@ microvm_shim: `create`, `start`, `kill`, `delete`, `state`, `pause`, `resume`); 
 - the exit status: the command's in "cmd" mode; 0 when the guest powered itself off; 255 (with the
   reason in `exit-reason`) when QEMU failed.
 Control requests on ctl.sock: start, signal, pause, resume, stats, powerdown, disk-add, disk-remove,
-snapshot-save/-load/-delete/-list (with the guest's memory), migrate-out/-in, status.
+snapshot-save/-load/-delete (with the guest's memory), migrate-listen/-out/-finish/-resume
+(cocon.isolation.vm_migration), status.
 """
 
 from __future__ import annotations
