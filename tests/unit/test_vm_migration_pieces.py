@@ -117,3 +117,31 @@ def test_the_client_for_the_other_daemon(other_daemon: str) -> None:
         PeerDaemon(parse_peer(f"unix://{other_daemon}"), token="wrong").call("POST", "/x", {})
     with pytest.raises(PeerError, match="cannot reach the cocon daemon at unix:///nonexistent"):
         PeerDaemon(parse_peer("unix:///nonexistent/cocon.sock")).call("POST", "/x", {})
+
+
+def test_the_cli_says_what_moved(capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    import argparse
+
+    from cocon.cli.vms import cmd_migrate
+
+    class Client:
+        spec: dict[str, Any] = {}
+
+        def vm_migrate(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+            Client.spec = spec
+            return {"Id": "699969d5395ececa", "Name": name, "To": spec["To"], "DowntimeMs": 32, "RamMs": 266,
+                    "TotalMs": 1714, "DiskMs": 1421, "RamBytes": 84 << 20, "DiskBytes": 8 << 30}  # fmt: skip
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    args = argparse.Namespace(name="web", to="tcp://10.0.0.2:2376", auth_token_file=str(token),
+                              shared_storage=False, downtime_limit=300, format="text")  # fmt: skip
+    assert cmd_migrate(Client(), args) == 0  # type: ignore[arg-type]
+    assert Client.spec == {"To": "tcp://10.0.0.2:2376", "SharedStorage": False, "DowntimeLimitMs": 300,
+                           "Token": "s3cret"}  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("web moved to tcp://10.0.0.2:2376 (id 699969d5395e): downtime 32 ms, total 1.7 s")
+    assert "disk 8.59GB in 1.4 s" in out and "memory 88.1MB in 0.3 s" in out
+    args.auth_token_file = str(tmp_path / "missing")
+    assert cmd_migrate(Client(), args) == 2
+    assert "cannot read --auth-token-file" in capsys.readouterr().err

@@ -48,6 +48,8 @@ _SHARED_IMAGE_VM = (
     "--shared-storage is for VMs made with cocon vm create (their disk is a file of yours): a VM made "
     "from an image keeps its disk in the daemon's store, and it is always copied"
 )
+#: QEMU's largest downtime-limit (ms).
+MAX_DOWNTIME_LIMIT_MS = 2_000_000
 #: The disks a migration copies (node names in the shim): the root disk. The cloud-init seed (a small
 #: read-only CD-ROM, which QEMU cannot export writable) travels in the request.
 COPIED_NODES = ("root",)
@@ -88,6 +90,9 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
         raise InvalidRequest(
             "give the target daemon: cocon vm migrate NAME --to unix:///PATH|tcp://ADDR:PORT"
         )
+    limit = doc.get("DowntimeLimitMs")
+    if limit is not None and not 0 < limit <= MAX_DOWNTIME_LIMIT_MS:
+        raise InvalidRequest(f"DowntimeLimitMs must be between 1 and {MAX_DOWNTIME_LIMIT_MS} (milliseconds)")
     rec = _vm(e, ref)
     address = parse_peer(str(doc["To"]))
     ct = e.containers

@@ -413,7 +413,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
             "To": {"type": "string", "description": "the target daemon: unix:///PATH or tcp://ADDR:PORT"},
             "Token": {"type": "string", "description": "the target's bearer token (TCP)"},
             "SharedStorage": {"type": "boolean", "description": "the disk is at the same path there"},
-            "DowntimeLimitMs": {"type": "integer", "minimum": 1},
+            "DowntimeLimitMs": {"type": "integer", "minimum": 1, "maximum": 2000000},
         },
     },
     "VmMigrated": {
