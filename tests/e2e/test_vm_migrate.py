@@ -169,7 +169,8 @@ def test_a_disk_vm_moves_on_shared_storage_and_back_with_a_copy(
 ) -> None:
     """A `cocon vm create` VM (Debian booted by SeaBIOS and GRUB, a cloud-init seed) moves to the daemon
     on this machine over its Unix socket with --shared-storage (the target opens the same disk file), then
-    back with its disk copied into the daemon's store; the guest's counter runs on through both."""
+    back with its disk copied into the daemon's store; the guest's counter runs on through both. The
+    counter is started by the seed's runcmd: it is also the test that a cloud-init seed is applied."""
     source, target, _, _ = hosts
     disk, user_data = str(tmp_path / "deb.qcow2"), tmp_path / "user-data"
     shutil.copyfile(debian_vm[1], disk)
