@@ -4,7 +4,7 @@ The guest is a Debian that cocon builds (tests/vm_helpers.build_debian_vm: deboo
 and systemd, made into a GPT disk with GRUB for BIOS and UEFI), copied per test; the ISO is made with
 grub-mkrescue. What a user checks: it boots through its own boot loader under both firmwares to a
 login on the serial console, the console is interactive and detaches with Ctrl-], the guest gets its
-address on cocon's network by DHCP, a stop is an ACPI shutdown (exit 0) and the disk persists, a
+address on cocon's network by DHCP, a stop is an ACPI shutdown (exit 0) and the disk persists, and
 bad input is refused with nothing left behind (a cloud-init seed is applied: tests/e2e/test_vm_migrate.py)."""
 
 from __future__ import annotations
