@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from cli_helpers import COCON, kill_prestarted, reset_network, stop_daemon, unmount_all
 from cocon.api.client import APIError
 from cocon.api.http_client import HTTPClient, ensure_daemon
-from daemon_helpers import DOCKER, cleanup, new_roots, start_daemon, wait_for_socket
+from daemon_helpers import DOCKER, cleanup, make_certs, new_roots, start_daemon, wait_for_socket
 
 
 @pytest.fixture
@@ -138,52 +138,6 @@ def test_plain_tcp_and_bad_options_are_refused(roots: tuple[str, str]) -> None:
         f.write("x")
     r = run_daemon(bad_root, run)
     assert r.returncode == 1 and "cannot use the state in" in r.stderr
-
-
-def openssl(*args: str, cwd: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_certs(d: str) -> None:
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=cocon test CA",
-        cwd=d,
-    )
-    for name, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-    ):
-        with open(os.path.join(d, f"{name}.ext"), "w") as f:
-            f.write(ext)
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
-    # a client certificate from another CA must be refused too
-    openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "rogue.key",
-        "-out",
-        "rogue.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=rogue",
-        cwd=d,
-    )
 
 
 def test_tls_with_client_certificates(tmp_path: Any) -> None:

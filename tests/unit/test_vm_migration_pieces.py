@@ -145,3 +145,48 @@ def test_the_cli_says_what_moved(capsys: pytest.CaptureFixture[str], tmp_path: A
     args.auth_token_file = str(tmp_path / "missing")
     assert cmd_migrate(Client(), args) == 2
     assert "cannot read --auth-token-file" in capsys.readouterr().err
+
+
+def test_the_client_for_a_daemon_with_client_certificates(tmp_path: Any) -> None:
+    import socket
+    import ssl
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from cocon.engine.peer_daemon import PeerTls
+    from daemon_helpers import make_certs
+
+    make_certs(str(tmp_path))
+    pem = lambda name: (tmp_path / name).read_text()  # noqa: E731
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.pem"))
+    context.load_cert_chain(str(tmp_path / "server.pem"), str(tmp_path / "server.key"))
+    context.verify_mode = ssl.CERT_REQUIRED
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            sock, addr = super().get_request()
+            return context.wrap_socket(sock, server_side=True), addr
+
+    server = Server(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = parse_peer(f"tcp://127.0.0.1:{server.server_address[1]}")
+        good = PeerTls(pem("ca.pem"), pem("client.pem"), pem("client.key"))
+        assert PeerDaemon(address, token="s3cret", tls=good).call("POST", "/p", {"a": 1})["echo"] == {"a": 1}
+        rogue = PeerTls(pem("ca.pem"), pem("rogue.pem"), pem("rogue.key"))  # not signed by the server's CA
+        with pytest.raises(PeerError, match="cannot reach"):
+            PeerDaemon(address, token="s3cret", tls=rogue).call("POST", "/p", {})
+        wrong_ca = PeerTls(
+            pem("rogue.pem"), pem("client.pem"), pem("client.key")
+        )  # the server is not trusted
+        with pytest.raises(PeerError, match="CERTIFICATE_VERIFY_FAILED"):
+            PeerDaemon(address, token="s3cret", tls=wrong_ca).call("POST", "/p", {})
+        with pytest.raises(InvalidRequest, match="not a usable CA, certificate and key"):
+            PeerTls(pem("ca.pem"), pem("client.pem"), pem("rogue.key")).context()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -6,7 +6,8 @@
     cocon vm start NAME [--console]      cocon vm stop NAME [-t SECONDS]
     cocon vm console NAME                (detach: Ctrl-])
     cocon vm ls [-a] [--format json]     cocon vm rm NAME [-f] [--delete-disk]
-    cocon vm migrate NAME --to unix:///PATH|tcp://ADDR:PORT [--auth-token-file FILE] [--shared-storage]
+    cocon vm migrate NAME --to unix:///PATH|tcp://ADDR:PORT [--auth-token-file FILE | --tlscacert CA
+                     --tlscert CERT --tlskey KEY] [--shared-storage] [--downtime-limit MS]
 
 A VM is an instance (isolation vm): `cocon ps`, `inspect`, `logs` (its serial console) and `rm` see
 it too; an image-based one (`cocon run --isolation vm IMAGE`) is listed by `cocon vm ls` as well.
@@ -91,6 +92,10 @@ def register(sub: Any) -> None:
                    help="the target daemon: unix:///PATH/cocon.sock or tcp://ADDR:PORT")  # fmt: skip
     p.add_argument("--auth-token-file", metavar="FILE",
                    help="the bearer token of a TCP target (its daemon's --auth-token-file)")  # fmt: skip
+    for flag, what in (("--tlscacert", "the CA that signed a TLS target's certificate"),
+                       ("--tlscert", "a client certificate that target's CA signed"),
+                       ("--tlskey", "the client certificate's key")):  # fmt: skip
+        p.add_argument(flag, metavar="FILE", help=f"{what} (a target started with --tlsverify)")
     p.add_argument("--shared-storage", action="store_true",
                    help="the disk is on storage the target sees at the same path: no copy")  # fmt: skip
     p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
@@ -257,12 +262,16 @@ def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
     if args.downtime_limit <= 0:
         output.error("--downtime-limit must be a positive number of milliseconds")
         return 2
-    if args.auth_token_file:
+    for flag, field, strip in (("auth_token_file", "Token", True), ("tlscacert", "TlsCaCert", False),
+                               ("tlscert", "TlsCert", False), ("tlskey", "TlsKey", False)):  # fmt: skip
+        path = getattr(args, flag, None)
+        if not path:
+            continue
         try:
-            with open(args.auth_token_file) as f:
-                spec["Token"] = f.read().strip()
+            with open(path) as f:
+                spec[field] = f.read().strip() if strip else f.read()
         except OSError as exc:
-            output.error(f"cannot read --auth-token-file {args.auth_token_file}: {exc.strerror}")
+            output.error(f"cannot read --{flag.replace('_', '-')} {path}: {exc.strerror}")
             return 2
     if sys.stderr.isatty() and args.format == "text":
         from rich.console import Console

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 #: The fields of `POST /cocon/v1/vms/{id}/migrate`.
 MIGRATE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "To": str, "Token": str, "SharedStorage": bool, "DowntimeLimitMs": int,
+    "To": str, "Token": str, "TlsCaCert": str, "TlsCert": str, "TlsKey": str, "SharedStorage": bool,
+    "DowntimeLimitMs": int,
 }  # fmt: skip
 #: The fields of `POST /cocon/v1/vms/incoming` (what a source daemon sends).
 INCOMING_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -80,7 +81,8 @@ def _vm(e: Engine, ref: str) -> InstanceRecord:
 
 
 def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
-    """`POST /cocon/v1/vms/{id}/migrate` {To, Token, SharedStorage, DowntimeLimitMs}: move the running VM
+    """`POST /cocon/v1/vms/{id}/migrate` {To, Token | TlsCaCert+TlsCert+TlsKey (PEM), SharedStorage,
+    DowntimeLimitMs}: move the running VM
     to the daemon at To; its new Id there and what the migration measured."""
     from cocon.engine.peer_daemon import PeerDaemon, PeerError, parse_peer
     from cocon.isolation.base import IsolationError
@@ -126,7 +128,7 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
             "goes with the VM: migrate it without --shared-storage"
         )
     disks = _disks_to_copy(e, rec, settings, shared)
-    peer = PeerDaemon(address, token=doc.get("Token") or None)
+    peer = PeerDaemon(address, token=doc.get("Token") or None, tls=_tls(doc, address))
     incoming = {
         "Name": rec.name, "Image": rec.image or "", "Create": rec.config["Create"], "VM": settings,
         "Networks": _addresses(e, rec), "Disks": disks, "Transport": address.transport,
@@ -168,6 +170,19 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
     out = {"Id": tid, "Name": rec.name, "To": str(address)}
     out.update({k: v for k, v in result.items() if k != "ok"})
     return out
+
+
+def _tls(doc: dict[str, Any], address: Any) -> Any:
+    from cocon.engine.peer_daemon import PeerTls
+
+    given = [doc.get(k) for k in ("TlsCaCert", "TlsCert", "TlsKey")]
+    if not any(given):
+        return None
+    if not all(given) or address.transport != "tcp":
+        raise InvalidRequest(
+            "TLS to the target needs all of --tlscacert, --tlscert and --tlskey, and a tcp:// target"
+        )
+    return PeerTls(*(str(text) for text in given))
 
 
 def _in_store(e: Engine, path: str) -> bool:

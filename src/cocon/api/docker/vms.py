@@ -412,6 +412,9 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
         "properties": {
             "To": {"type": "string", "description": "the target daemon: unix:///PATH or tcp://ADDR:PORT"},
             "Token": {"type": "string", "description": "the target's bearer token (TCP)"},
+            "TlsCaCert": {"type": "string", "description": "PEM: the CA of a --tlsverify target"},
+            "TlsCert": {"type": "string", "description": "PEM: a client certificate that CA signed"},
+            "TlsKey": {"type": "string", "description": "PEM: its key"},
             "SharedStorage": {"type": "boolean", "description": "the disk is at the same path there"},
             "DowntimeLimitMs": {"type": "integer", "minimum": 1, "maximum": 2000000},
         },
