@@ -133,3 +133,20 @@ def test_disk_volume_hot_plug(daemon: Daemon) -> None:
     finally:
         cocon(daemon, "rm", "-f", name, check=False)
         cocon(daemon, "volume", "rm", "hotdisk", check=False)
+
+
+def test_the_root_disk_size_of_a_vm_from_an_image(daemon: Daemon) -> None:
+    """`--storage-opt size=` (Docker's flag) sizes a VM's root disk and its filesystem: the guest sees
+    both without resizing anything."""
+    out = cocon(daemon, "run", "--rm", "--isolation", "vm", "--storage-opt", "size=12G", "busybox", "sh", "-c",
+                "cat /sys/block/vda/size; df -k / | tail -1").stdout.split()  # fmt: skip
+    assert int(out[0]) * 512 == 12 << 30, out
+    assert 11 << 20 < int(out[2]) <= 12 << 20, out  # df's 1K-blocks of /: a 12 GiB filesystem
+    out = cocon(daemon, "run", "--rm", "--isolation", "vm", "busybox", "cat", "/sys/block/vda/size").stdout
+    assert int(out) * 512 == 8 << 30  # the default
+    for args, message in ((["--storage-opt", "size=12G"], "applies to VMs (--isolation vm)"),
+                          (["--isolation", "vm", "--storage-opt", "size=1M"], "too small for a root disk"),
+                          (["--isolation", "vm", "--storage-opt", "quota=1G"], "unknown storage option 'quota'"),
+                          (["--isolation", "vm", "--storage-opt", "size"], "give KEY=VALUE")):  # fmt: skip
+        p = cocon(daemon, "run", "--rm", *args, "busybox", "true", check=False)
+        assert p.returncode == 125 and message in p.stderr, (args, p)

@@ -103,7 +103,7 @@ def test_base_disk_keeps_the_image_files(tmp_path: Any, rootfs: str) -> None:
     disks = VmDisks(str(tmp_path / "disks"))
     said: list[str] = []
     base = disks.image_base(IMAGE, rootfs, size=SMALL, progress=said.append)
-    assert base == os.path.join(disks.root, "images", "1f" * 32 + ".qcow2")
+    assert base == os.path.join(disks.root, "images", "1f" * 32 + f".{SMALL}.qcow2")  # a base per size
     assert said and "ext4" in said[0]
     info = qemu_img.info(base)
     assert (info.format, info.virtual_size, info.backing_file) == ("qcow2", SMALL, None)
@@ -143,9 +143,9 @@ def test_base_disk_keeps_the_image_files(tmp_path: Any, rootfs: str) -> None:
 
 def test_base_is_built_once_and_ids_are_checked(tmp_path: Any, rootfs: str) -> None:
     disks = VmDisks(str(tmp_path / "disks"))
-    assert disks.cached_image_base(IMAGE) is None
+    assert disks.cached_image_base(IMAGE, SMALL) is None
     base = disks.image_base(IMAGE, rootfs, size=SMALL)
-    assert disks.cached_image_base(IMAGE) == base
+    assert disks.cached_image_base(IMAGE, SMALL) == base and disks.cached_image_base(IMAGE) is None
     st = os.stat(base)
     said: list[str] = []
     assert disks.image_base("1f" * 32, rootfs, size=SMALL, progress=said.append) == base
@@ -166,7 +166,7 @@ def test_rootfs_too_large_for_the_disk(tmp_path: Any, rootfs: str) -> None:
     disks = VmDisks(str(tmp_path / "disks"))
     with pytest.raises(DiskError, match=r"do not fit in a root disk of 16M .*--disk-size"):
         disks.image_base(IMAGE, rootfs, size=16 << 20)
-    assert not os.path.exists(disks.image_path(IMAGE)) and leftovers(disks) == []
+    assert not os.path.exists(disks.image_path(IMAGE, 16 << 20)) and leftovers(disks) == []
     # a failure anywhere (here: the caller's progress callback) leaves nothing either
 
     def boom(_: str) -> None:
@@ -174,8 +174,8 @@ def test_rootfs_too_large_for_the_disk(tmp_path: Any, rootfs: str) -> None:
 
     with pytest.raises(RuntimeError):
         disks.image_base(IMAGE, rootfs, size=64 << 20, progress=boom)
-    assert not os.path.exists(disks.image_path(IMAGE)) and leftovers(disks) == []
-    assert disks.image_base(IMAGE, rootfs, size=64 << 20) == disks.image_path(IMAGE)
+    assert not os.path.exists(disks.image_path(IMAGE, 64 << 20)) and leftovers(disks) == []
+    assert disks.image_base(IMAGE, rootfs, size=64 << 20) == disks.image_path(IMAGE, 64 << 20)
 
 
 BUILDER = """
@@ -212,7 +212,7 @@ def test_concurrent_builds_share_one_base(tmp_path: Any, rootfs: str) -> None:
                 p.kill()
                 p.wait()
     assert all(p.returncode == 0 for p in procs)
-    assert results[0]["path"] == results[1]["path"] == VmDisks(root).image_path(IMAGE)
+    assert results[0]["path"] == results[1]["path"] == VmDisks(root).image_path(IMAGE, 32 << 20)
     assert sorted(r["built"] for r in results) == [False, True]  # one built, the other waited and reused
     assert qemu_img.check(results[0]["path"]).corruptions == 0
     assert leftovers(VmDisks(root)) == []

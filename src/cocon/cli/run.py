@@ -128,6 +128,14 @@ FLAGS: tuple[tuple[tuple[str, ...], str, str, str | None, str], ...] = (
         "OPT",
         "seccomp=FILE (a Docker-format profile), seccomp=unconfined, no-new-privileges",
     ),
+    (
+        ("--storage-opt",),
+        "storage_opt",
+        "list",
+        "K=V",
+        "size=SIZE: the root disk's size of a VM (--isolation vm; default 8G, the guest grows its "
+        "filesystem to it)",
+    ),
     (("-h", "--hostname"), "hostname", "value", "NAME", "the container's hostname (default: its short id)"),
     (("-l", "--label"), "label", "list", "K=V", "set a label on the container"),
     (
@@ -519,6 +527,14 @@ def build_request(opts: RunOptions, environ: Mapping[str, str]) -> tuple[dict[st
         host["SecurityOpt"] = [_security_opt(o) for o in opts.security_opt]
     if opts.isolation is not None:
         host["Isolation"] = opts.isolation
+    if opts.storage_opt:
+        storage: dict[str, str] = {}
+        for item in opts.storage_opt:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"invalid --storage-opt {item!r}: give KEY=VALUE, e.g. size=20G")
+            storage[key] = value
+        host["StorageOpt"] = storage
     if opts.network:  # none given: Docker's default, the default bridge network
         host["NetworkMode"] = opts.network
     if opts.publish or opts.publish_all or opts.expose or opts.ip or opts.ip6 or opts.network_alias:

@@ -237,6 +237,7 @@ class Containers:
                 f"invalid hostname {hostname!r}: use letters, digits, '.' and '-' (at most 63)"
             )
         mounts = self._plan_mounts(host, info.config)
+        vm_settings = _vm_storage(host, isolation)
         config: dict[str, Any] = {
             "Create": body,
             "Hostname": hostname,
@@ -249,6 +250,8 @@ class Containers:
             "Args": args[1:],
             "AutoRemove": bool(host.get("AutoRemove")),
         }
+        if vm_settings:
+            config["VM"] = vm_settings
         created_volumes: list[str] = []
         rec: InstanceRecord | None = None
         try:
@@ -877,3 +880,36 @@ def _remove_dir(path: str) -> None:
         remove_tree(path)
     except OSError:
         pass
+
+
+def _vm_storage(host: dict[str, Any], isolation: str) -> dict[str, Any]:
+    """Docker's HostConfig.StorageOpt: `size` is the root disk's size of a VM (its record's
+    VM.DiskSize); containers (overlayfs) have no size limit here."""
+    opts = host.get("StorageOpt")
+    if not opts:
+        return {}
+    if not isinstance(opts, dict) or not all(isinstance(v, str) for v in opts.values()):
+        raise InvalidRequest('StorageOpt must be an object of strings, e.g. {"size": "20G"}')
+    unknown = sorted(set(opts) - {"size"})
+    if unknown:
+        raise InvalidRequest(f"unknown storage option {unknown[0]!r}: cocon takes size (a VM's disk size)")
+    if isolation != "vm":
+        raise InvalidRequest(
+            "--storage-opt size applies to VMs (--isolation vm): a container's overlay filesystem has no "
+            "size limit here"
+        )
+    from cocon.storage import qemu_img
+    from cocon.storage.volumes import VolumeError
+
+    try:
+        size = qemu_img.parse_size(opts["size"])
+    except (VolumeError, ValueError) as exc:
+        raise InvalidRequest(f"--storage-opt size={opts['size']}: {exc}") from None
+    from cocon.storage.vm_disks import MIN_SIZE
+
+    if size < MIN_SIZE:
+        raise InvalidRequest(
+            f"--storage-opt size={opts['size']} is too small for a root disk: give "
+            f"{qemu_img.format_size(MIN_SIZE)} or more"
+        )
+    return {"DiskSize": size}

@@ -94,12 +94,10 @@ def _image_machine(
 
     size = int(settings.get("DiskSize") or DEFAULT_DISK_SIZE)
     try:
-        # the base's filesystem has the default size; a larger --disk-size grows the instance's
-        # overlay (the guest grows its filesystem with resize2fs)
+        # a base per image and size (--storage-opt size): the guest's filesystem has the disk's size
         root = str(disks.instance_path(rec.id))
         if not os.path.exists(root):  # else made before (or by a migration: a full copy, no base)
-            grow = size if size > DEFAULT_DISK_SIZE else None
-            root = disks.instance_disk(rec.id, _image_base(e, rec, disks), size=grow)
+            root = disks.instance_disk(rec.id, _image_base(e, rec, disks, size))
     except VolumeError as exc:
         raise EngineError(f"cannot make the VM's root disk: {exc}") from None
     body = rec.config.get("Create") or {}
@@ -117,12 +115,12 @@ def _image_machine(
     return machine
 
 
-def _image_base(e: Engine, rec: InstanceRecord, disks: Any) -> str:
-    """The image's base disk: built from a read-only view of its layers (never the instance's own
-    writes), once per image."""
+def _image_base(e: Engine, rec: InstanceRecord, disks: Any, size: int) -> str:
+    """The image's base disk of `size`: built from a read-only view of its layers (never the
+    instance's own writes), once per image and size."""
     from cocon.snapshots.errors import SnapshotError
 
-    existing = disks.cached_image_base(rec.image)
+    existing = disks.cached_image_base(rec.image, size)
     if existing:
         return str(existing)
     key = f"vmbase-{rec.image.removeprefix('sha256:')[:32]}-{os.urandom(4).hex()}"
@@ -131,7 +129,7 @@ def _image_base(e: Engine, rec: InstanceRecord, disks: Any) -> str:
         snapshotter.prepare(key, list(rec.config.get("ChainIDs") or []), readonly=True)
         try:
             view = snapshotter.mount(key)
-            return str(disks.image_base(rec.image, view, size=DEFAULT_DISK_SIZE))
+            return str(disks.image_base(rec.image, view, size=size))
         finally:
             try:
                 snapshotter.unmount(key)

@@ -53,6 +53,12 @@ def image_key(image_id: str) -> str:
     return m["hex"]
 
 
+def _base_key(image_id: str, size: int) -> str:
+    """The file name (without .qcow2) of an image's base disk: its hex ID, `.SIZE` when not the default."""
+    key = image_key(image_id)
+    return key if size == DEFAULT_SIZE else f"{key}.{size}"
+
+
 def validate_instance_id(instance_id: str) -> str:
     if not isinstance(instance_id, str) or _INSTANCE_ID.fullmatch(instance_id) is None:
         raise DiskError(
@@ -85,8 +91,8 @@ class VmDisks:
         self.instances_dir = os.path.join(self.root, "instances")
 
     # --- paths ---------------------------------------------------------------------------------------
-    def image_path(self, image_id: str) -> str:
-        return os.path.join(self.images_dir, f"{image_key(image_id)}.qcow2")
+    def image_path(self, image_id: str, size: int = DEFAULT_SIZE) -> str:
+        return os.path.join(self.images_dir, f"{_base_key(image_id, size)}.qcow2")
 
     def instance_dir(self, instance_id: str) -> str:
         return os.path.join(self.instances_dir, validate_instance_id(instance_id))
@@ -127,25 +133,27 @@ class VmDisks:
             os.close(fd)  # removed (by gc) while we waited: lock the new one
 
     # --- base disks of images --------------------------------------------------------------------------
-    def cached_image_base(self, image_id: str) -> str | None:
-        """The base disk of `image_id` if it is built, else None (no rootfs needed to ask)."""
-        path = self.image_path(image_id)
+    def cached_image_base(self, image_id: str, size: int = DEFAULT_SIZE) -> str | None:
+        """The base disk of `image_id` (of `size`) if it is built, else None (no rootfs needed to ask)."""
+        path = self.image_path(image_id, size)
         return path if os.path.isfile(path) else None
 
     def image_base(
         self, image_id: str, rootfs_dir: str, *, size: int = DEFAULT_SIZE, progress: Progress | None = None
     ) -> str:
         """The base disk of image `image_id` (its unpacked root filesystem is `rootfs_dir`): built on
-        first use, then reused. Concurrent callers (other processes too) wait for one build."""
-        key = image_key(image_id)
-        final = os.path.join(self.images_dir, f"{key}.qcow2")
-        if os.path.isfile(final):
-            return final
+        first use, then reused; one per size (a filesystem of that size: a VM with a larger root disk
+        needs no resize in its guest). Concurrent callers (other processes too) wait for one build."""
         if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
+            image_key(image_id)  # a bad ID is the first thing to say
             raise DiskError(
                 f"invalid root disk size {size!r}: give at least {qemu_img.format_size(MIN_SIZE)}, "
                 "e.g. --disk-size 8G"
             )
+        key = _base_key(image_id, size)
+        final = os.path.join(self.images_dir, f"{key}.qcow2")
+        if os.path.isfile(final):
+            return final
         if not os.path.isdir(rootfs_dir):
             raise DiskError(f"the root filesystem {rootfs_dir} of image {image_id} is not a directory")
         self._makedirs(self.images_dir)
@@ -211,7 +219,8 @@ class VmDisks:
             names = os.listdir(self.images_dir)
         except FileNotFoundError:
             return []
-        return sorted(n[: -len(".qcow2")] for n in names if n.endswith(".qcow2") and not n.startswith("."))
+        keys = (n[: -len(".qcow2")] for n in names if n.endswith(".qcow2") and not n.startswith("."))
+        return sorted({key.split(".")[0] for key in keys})  # one per image, whatever its sizes
 
     # --- instance overlays -----------------------------------------------------------------------------
     def instance_disk(self, instance_id: str, base: str, *, size: int | None = None) -> str:
@@ -308,11 +317,15 @@ class VmDisks:
                     if n.startswith(f".build-{key}-"):
                         remove_tree(os.path.join(self.images_dir, n))
                 path = os.path.join(self.images_dir, f"{key}.qcow2")
-                if key not in keys or key in keep or os.path.realpath(path) in referenced:
+                if key not in keys:  # only what a killed build left: its lock goes too
+                    os.unlink(self._lock_path(key))
+                    continue
+                if key.split(".")[0] in keep or os.path.realpath(path) in referenced:
                     continue
                 os.unlink(path)
                 os.unlink(self._lock_path(key))
-                removed.append(key)
+                if key.split(".")[0] not in removed:
+                    removed.append(key.split(".")[0])
             except OSError as exc:
                 raise DiskError(f"cannot remove the base disk of image {key}: {exc.strerror}") from None
             finally:

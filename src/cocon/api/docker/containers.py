@@ -70,7 +70,7 @@ _BUILTIN_NETWORKS = ("default", "bridge", "none", "host")
 _HOST_FIELDS = {
     "AutoRemove", "Binds", "Tmpfs", "ReadonlyRootfs", "Memory", "MemorySwap", "NanoCpus", "PidsLimit",
     "CapAdd", "CapDrop", "SecurityOpt", "NetworkMode", "RestartPolicy", "LogConfig", "Isolation",
-    "ConsoleSize", "PortBindings", "PublishAllPorts",
+    "ConsoleSize", "PortBindings", "PublishAllPorts", "StorageOpt",
 }  # fmt: skip
 # HostConfig fields the docker CLI always sends, accepted with their neutral values only.
 _HOST_NEUTRAL: dict[str, tuple[Any, ...]] = {
