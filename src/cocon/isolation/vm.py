@@ -142,10 +142,12 @@ def _release_key(release: str) -> list[tuple[int, int, str]]:
 def run_script(
     process: dict[str, Any], *, hostname: str, network: dict[str, Any] | None, binds: list[tuple[str, str]],
     stdin: bool, rows: int = 24, cols: int = 80, files: list[tuple[str, bytes]] | None = None,
+    stderr: bool = False,
 ) -> str:  # fmt: skip
     """The run configuration of a "cmd" mode guest: shell code the guest's init sources (QEMU hands
     it in over fw_cfg). Every value from the image or the user is quoted (shlex.quote): nothing in
-    them can run as code. `binds`: (destination in the guest, name in the 9p share)."""
+    them can run as code. `binds`: (destination in the guest, name in the 9p share); `stderr`: the
+    command's standard error goes to its own serial port (ttyS2), not the console."""
     q = shlex.quote
     user = process.get("user") or {}
     env = [e for e in process.get("env") or [] if isinstance(e, str) and "=" in e]
@@ -160,6 +162,7 @@ def run_script(
         f"COCON_GID={int(user.get('gid') or 0)}",
         f"COCON_TERMINAL={1 if process.get('terminal') else 0}",
         f"COCON_STDIN={1 if stdin else 0}",
+        f"COCON_STDERR={1 if stderr else 0}",
         f"COCON_ROWS={int(rows)}",
         f"COCON_COLS={int(cols)}",
         "cocon_network() {",

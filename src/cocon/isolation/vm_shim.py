@@ -119,6 +119,8 @@ class VmShim(Shim):
         console_socket = os.path.join(self.dir, "console.sock")
         serial: tuple[str, ...] = (console_socket,)
         cmdline = str(machine.get("cmdline") or "")
+        #: "cmd" mode without a terminal: the command's standard error on ttyS2, relayed to fd 2
+        separate_errors = self.mode == "cmd" and not self.terminal
         if self.mode == "cmd":
             process = self.config.get("process") or {}
             size = process.get("consoleSize") or {}
@@ -127,10 +129,12 @@ class VmShim(Shim):
                 f.write(run_script(
                     process, hostname=str(self.config.get("hostname") or self.cid[:12]), network=self.network,
                     binds=binds, files=written, stdin=True, rows=int(size.get("height") or 24),
-                    cols=int(size.get("width") or 80),
+                    cols=int(size.get("width") or 80), stderr=separate_errors,
                 ))  # fmt: skip
             fw_cfg = (("opt/org.cocon/run", script),)
             serial += (os.path.join(self.dir, "control.sock"),)
+            if separate_errors:
+                serial += (os.path.join(self.dir, "stderr.sock"),)
             cmdline = f"cocon.vm=cmd loglevel=4 {cmdline}"
             console = "ttyS1"
         elif self.mode == "boot":
@@ -157,6 +161,7 @@ class VmShim(Shim):
         self.vm.start(timeout=QEMU_START_TIMEOUT, die_with_parent=True)
         self.console = _connect(console_socket)
         self.control_line = _connect(serial[1]) if len(serial) > 1 else None
+        self.errors = _connect(serial[2]) if len(serial) > 2 else None
         self.control_buffer = b""
         self.command_exit: int | None = None
         #: "cmd" mode: console input and control requests held until the guest's init listens
@@ -199,6 +204,9 @@ class VmShim(Shim):
         assert self.vm is not None and self.vm.pid is not None
         self.console.setblocking(False)
         self.sel.register(self.console, selectors.EVENT_READ, self._console_output)
+        if self.errors is not None:
+            self.errors.setblocking(False)
+            self.sel.register(self.errors, selectors.EVENT_READ, self._console_output)
         if self.control_line is not None:
             self.control_line.setblocking(False)
             self.sel.register(self.control_line, selectors.EVENT_READ, self._control_output)
@@ -219,35 +227,45 @@ class VmShim(Shim):
         self.migration.close()
         return self.exit_code
 
+    def _output_fd(self, sock: socket.socket) -> int:
+        """Where a serial port's output goes: the terminal, else stdout (the console) or stderr."""
+        if self.terminal:
+            return self.tty
+        return 2 if sock is self.errors else 1
+
     def _console_output(self, key: selectors.SelectorKey, events: int) -> None:
+        sock: socket.socket = key.fileobj  # type: ignore[assignment]
         try:
-            data = self.console.recv(65536)
+            data = sock.recv(65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
-            self.sel.unregister(self.console)
+            self.sel.unregister(sock)
             return
-        _write_all(self.tty if self.terminal else 1, data)
+        _write_all(self._output_fd(sock), data)
 
     def _drain_console(self) -> None:
-        """What the guest wrote before it powered off (QEMU closes the socket as it exits)."""
-        deadline = time.monotonic() + 2
-        self.console.setblocking(False)
-        while time.monotonic() < deadline:
-            try:
-                data = self.console.recv(65536)
-            except BlockingIOError:
-                if self.vm is not None and self.vm.returncode is not None:
-                    break
-                time.sleep(0.02)
+        """What the guest wrote before it powered off (QEMU closes the sockets as it exits)."""
+        for sock in (self.console, self.errors):
+            if sock is None:
                 continue
-            except OSError:
-                break
-            if not data:
-                break
-            _write_all(self.tty if self.terminal else 1, data)
+            deadline = time.monotonic() + 2
+            sock.setblocking(False)
+            while time.monotonic() < deadline:
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    if self.vm is not None and self.vm.returncode is not None:
+                        break
+                    time.sleep(0.02)
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                _write_all(self._output_fd(sock), data)
 
     def _control_output(self, key: selectors.SelectorKey, events: int) -> None:
         assert self.control_line is not None
