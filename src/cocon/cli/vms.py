@@ -87,7 +87,7 @@ def register(sub: Any) -> None:
         "networks, with subnets that hold the addresses, and the image of a VM made from one). On success "
         "the VM is removed here; on failure it runs on here and nothing is left on the target.",
     )  # fmt: skip
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the running VM (name or ID)")
     p.add_argument("--to", required=True, metavar="URI",
                    help="the target daemon: unix:///PATH/cocon.sock or tcp://ADDR:PORT")  # fmt: skip
     p.add_argument("--auth-token-file", metavar="FILE",
