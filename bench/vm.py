@@ -37,8 +37,9 @@ Medians of each and ratios cocon / floor for the downtime and the RAM phase; coc
 reported on its own (TotalMs - RamMs, DiskBytes), the floor has none. QEMU's "downtime" is the
 source's: from its pause to its last byte sent. The guest stays paused until the target runs it:
 in the floor the target resumes on its own once it has loaded the state; under cocon only after the
-source's mirrors are cancelled and the target's daemon is told to finish, so the pause the guest
-really has is longer than DowntimeMs there. DiskBytes is the mirror's progress, i.e. the disk's
+source's mirrors are cancelled and the target's daemon is told to finish. Both sides also report
+that whole pause (PauseMs: the downtime, then until the target runs the guest; cocon's from its
+JSON, the floor's by polling the target's run state). DiskBytes is the mirror's progress, i.e. the disk's
 virtual size (its unallocated parts are not sent as data). Goal (§5): downtime under
 300 ms where KVM works; here it is measured under whatever accelerator cocon's probe gives (TCG on
 this machine), which the summary states.
@@ -318,7 +319,8 @@ def connect_unix(path: str, timeout: float = 30.0) -> socket.socket:
 
 def migrate_floor(assets: Any, accel: str, work: str) -> dict[str, Any]:
     """QEMU's own migration of the same guest and workload between two bare QEMUs on loopback:
-    DowntimeMs, RamMs (total-time), RamBytes, and the counter before and after."""
+    DowntimeMs, PauseMs (the downtime, then until the target runs: polled), RamMs (total-time),
+    RamBytes, and the counter before and after."""
     from cocon.vmm.migration import DOWNTIME_LIMIT_MS, MAX_BANDWIDTH
     from cocon.vmm.qemu import Qemu
 
@@ -350,8 +352,13 @@ def migrate_floor(assets: Any, accel: str, work: str) -> dict[str, Any]:
                 break
             if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
                 raise RuntimeError(f"the floor's migration ended {info.get('status')}: {info}")
-            time.sleep(0.02)
-        wait_until(lambda: dst.status() == "running", "the floor's target does not run", timeout=60)
+            time.sleep(0.005)
+        completed = time.monotonic()
+        while dst.status() != "running":  # the target resumes on its own once it has loaded the state
+            if time.monotonic() - completed > 60:
+                raise RuntimeError("the floor's target does not run")
+            time.sleep(0.002)
+        handover_ms = int((time.monotonic() - completed) * 1000)
         wait_until(lambda: any(n > before for n in ticks_of(dst.console())),
                    "the floor's counter did not go on on the target", timeout=120)  # fmt: skip
         after = ticks_of(dst.console())
@@ -359,6 +366,7 @@ def migrate_floor(assets: Any, accel: str, work: str) -> dict[str, Any]:
             raise RuntimeError(f"the floor's guest started again: ticks {before} there, {after} here")
         return {
             "DowntimeMs": int(info.get("downtime") or 0), "RamMs": int(info.get("total-time") or 0),
+            "PauseMs": int(info.get("downtime") or 0) + handover_ms,
             "RamBytes": int((info.get("ram") or {}).get("transferred") or 0), "Before": before,
             "After": after[0],
         }  # fmt: skip
@@ -398,9 +406,11 @@ def migrate_part(runs: int) -> None:
                 ours.append(migrate_cocon(source, target, token, uri, f"bench-mig-{n}"))
                 f, o = floors[-1], ours[-1]
                 print(
-                    f"run {n + 1}/{runs}: floor downtime {f['DowntimeMs']} ms, RAM {f['RamMs'] / 1000:.2f} s "
+                    f"run {n + 1}/{runs}: floor downtime {f['DowntimeMs']} ms, pause {f['PauseMs']} ms, "
+                    f"RAM {f['RamMs'] / 1000:.2f} s "
                     f"({f['RamBytes'] / 2**20:.0f} MiB), ticks {f['Before']} -> {f['After']}; cocon downtime "
-                    f"{o['DowntimeMs']} ms, RAM {o['RamMs'] / 1000:.2f} s ({o['RamBytes'] / 2**20:.0f} MiB), "
+                    f"{o['DowntimeMs']} ms, pause {o['PauseMs']} ms, RAM {o['RamMs'] / 1000:.2f} s "
+                    f"({o['RamBytes'] / 2**20:.0f} MiB), "
                     f"total {o['TotalMs'] / 1000:.2f} s (disk "
                     f"{(o['TotalMs'] - o['RamMs']) / 1000:.2f} s, {o['DiskBytes'] / 2**20:.0f} MiB of mirror "
                     f"progress), CLI {o['WallMs'] / 1000:.2f} s, ticks {o['Before']} -> {o['After']}",
@@ -411,6 +421,7 @@ def migrate_part(runs: int) -> None:
                 return float(statistics.median(r[key] for r in rows))
 
             fd, od = median(floors, "DowntimeMs"), median(ours, "DowntimeMs")
+            fp, op = median(floors, "PauseMs"), median(ours, "PauseMs")
             fr, orr = median(floors, "RamMs") / 1000, median(ours, "RamMs") / 1000
             total, wall = median(ours, "TotalMs") / 1000, median(ours, "WallMs") / 1000
             disk_s = statistics.median((r["TotalMs"] - r["RamMs"]) / 1000 for r in ours)
@@ -421,6 +432,8 @@ def migrate_part(runs: int) -> None:
                 f"\nlive migration of a {GUEST_MIB} MiB guest ({FILL_MIB} MiB of it written), accelerator "
                 f"{accel}, medians of {runs}:\n"
                 f"  downtime (QEMU's): floor {fd:.0f} ms, cocon {od:.0f} ms (ratio {ratio(od, fd)})\n"
+                f"  the guest's whole pause (downtime + hand-over until the target runs it): floor {fp:.0f} ms, "
+                f"cocon {op:.0f} ms (ratio {ratio(op, fp)})\n"
                 f"  RAM phase: floor {fr:.2f} s, cocon {orr:.2f} s (ratio {ratio(orr, fr)}); RAM sent: "
                 f"floor {fsent:.0f} MiB, cocon {osent:.0f} MiB\n"
                 f"  cocon total incl. the root disk copy ({virtual:.1f} GiB virtual, mostly unallocated; "

@@ -80,14 +80,12 @@ def build_debian_vm(base: str) -> tuple[str, str]:
 
 # --- two daemons, the second as another host would be (for live migration) ---------------------------
 
-TARGET_HOST_ADDR, TARGET_ADDR, TARGET_PORT = "10.251.77.1", "10.251.77.2", 23760
-
 
 @contextmanager
 def two_hosts(base: str, env: dict[str, str] | None = None) -> Iterator[tuple[Any, Any, str, str]]:
     """(source daemon, target daemon, the target's token file, the target's URI): the target has its own
-    root and its own network namespace, reached over a veth pair (10.251.77.0/30) as another host would
-    be, its API on TCP with a bearer token (and on its Unix socket). Afterwards both daemons are stopped
+    root and its own network namespace, reached over a veth pair (a random 10.251.N.0/30, so that two
+    runs at once do not reach each other's target) as another host would be, its API on TCP with a bearer token (and on its Unix socket). Afterwards both daemons are stopped
     and cleaned, no VM process of theirs is left, the namespace and the link are gone."""
     import secrets
     import subprocess
@@ -98,13 +96,19 @@ def two_hosts(base: str, env: dict[str, str] | None = None) -> Iterator[tuple[An
         subprocess.run(["ip", *args], check=True, capture_output=True)
 
     netns, veth = f"cmig-{secrets.token_hex(3)}", f"cmig{secrets.token_hex(2)}"
+    subnet = secrets.randbelow(250) + 1
+    host_addr, target_addr, port = (
+        f"10.251.{subnet}.1",
+        f"10.251.{subnet}.2",
+        20000 + secrets.randbelow(10000),
+    )
     daemons: list[Daemon] = []
     ip("netns", "add", netns)
     try:
         ip("link", "add", veth, "type", "veth", "peer", "name", "eth-mig", "netns", netns)
-        ip("addr", "add", f"{TARGET_HOST_ADDR}/30", "dev", veth)
+        ip("addr", "add", f"{host_addr}/30", "dev", veth)
         ip("link", "set", veth, "up")
-        ip("-n", netns, "addr", "add", f"{TARGET_ADDR}/30", "dev", "eth-mig")
+        ip("-n", netns, "addr", "add", f"{target_addr}/30", "dev", "eth-mig")
         ip("-n", netns, "link", "set", "eth-mig", "up")
         ip("-n", netns, "link", "set", "lo", "up")
         for side in ("a", "b"):
@@ -115,7 +119,7 @@ def two_hosts(base: str, env: dict[str, str] | None = None) -> Iterator[tuple[An
         token = os.path.join(base, "token")
         with open(token, "w", opener=lambda p, f: os.open(p, f, 0o600)) as f:
             f.write(secrets.token_hex(16))
-        uri = f"tcp://{TARGET_ADDR}:{TARGET_PORT}"
+        uri = f"tcp://{target_addr}:{port}"
         target = start_daemon(
             os.path.join(base, "b"), "-H", f"unix://{run}/cocon.sock", "-H", uri, "--auth-token-file", token,
             root=root, run=run, env=env, prefix=["nsenter", f"--net=/run/netns/{netns}"],

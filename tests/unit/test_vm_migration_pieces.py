@@ -129,7 +129,7 @@ def test_the_cli_says_what_moved(capsys: pytest.CaptureFixture[str], tmp_path: A
 
         def vm_migrate(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
             Client.spec = spec
-            return {"Id": "699969d5395ececa", "Name": name, "To": spec["To"], "DowntimeMs": 32, "RamMs": 266,
+            return {"Id": "699969d5395ececa", "Name": name, "To": spec["To"], "DowntimeMs": 32, "PauseMs": 61, "RamMs": 266,
                     "TotalMs": 1714, "DiskMs": 1421, "RamBytes": 84 << 20, "DiskBytes": 8 << 30}  # fmt: skip
 
     token = tmp_path / "token"
@@ -140,7 +140,9 @@ def test_the_cli_says_what_moved(capsys: pytest.CaptureFixture[str], tmp_path: A
     assert Client.spec == {"To": "tcp://10.0.0.2:2376", "SharedStorage": False, "DowntimeLimitMs": 300,
                            "Token": "s3cret"}  # fmt: skip
     out = capsys.readouterr().out
-    assert out.startswith("web moved to tcp://10.0.0.2:2376 (id 699969d5395e): downtime 32 ms, total 1.7 s")
+    assert out.startswith(
+        "web moved to tcp://10.0.0.2:2376 (id 699969d5395e): paused 61 ms (QEMU's downtime 32 ms), total 1.7 s"
+    )
     assert "disk 8.59GB in 1.4 s" in out and "memory 88.1MB in 0.3 s" in out
     args.auth_token_file = str(tmp_path / "missing")
     assert cmd_migrate(Client(), args) == 2

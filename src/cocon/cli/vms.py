@@ -284,7 +284,8 @@ def cmd_migrate(client: Client, args: argparse.Namespace) -> int:
         output.json_doc(result)
         return 0
     print(
-        f"{args.name} moved to {result['To']} (id {result['Id'][:12]}): downtime {result['DowntimeMs']} ms, "
+        f"{args.name} moved to {result['To']} (id {result['Id'][:12]}): "
+        f"paused {result['PauseMs']} ms (QEMU's downtime {result['DowntimeMs']} ms), "
         f"total {result['TotalMs'] / 1000:.1f} s (disk {output.human_size(result['DiskBytes'])} in "
         f"{result['DiskMs'] / 1000:.1f} s, memory {output.human_size(result['RamBytes'])} in "
         f"{result['RamMs'] / 1000:.1f} s)"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from cocon.engine.errors import Conflict, InvalidRequest, NotFound
@@ -166,9 +167,13 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
             emit("container", "migrate", rec.id, name=rec.name, image=rec.image_ref, to=str(address))
         except Exception:
             pass
+    resumed = time.monotonic()
     ct.remove(rec.id, force=True)  # the guest runs on the target now; this copy is stale
-    out = {"Id": tid, "Name": rec.name, "To": str(address)}
-    out.update({k: v for k, v in result.items() if k != "ok"})
+    out: dict[str, Any] = {"Id": tid, "Name": rec.name, "To": str(address)}
+    out.update({k: v for k, v in result.items() if k not in ("ok", "CompletedAt")})
+    # the guest's whole pause: QEMU's downtime, then the hand-over until the target ran it
+    handover = max(0.0, resumed - float(result.get("CompletedAt") or resumed))
+    out["PauseMs"] = int(out.get("DowntimeMs") or 0) + int(handover * 1000)
     return out
 
 

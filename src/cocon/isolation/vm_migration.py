@@ -40,6 +40,7 @@ class ShimMigration:
         self.cookie = b""
         self.exported = False
         self.accepted = False
+        self.sending = False
         self.paths: list[str] = []
 
     # --- sockets in the daemon's network namespace ------------------------------------------------
@@ -159,6 +160,33 @@ class ShimMigration:
         return {"ok": True}
 
     # --- the source ---------------------------------------------------------------------------------
+    def send_later(self, conn: socket.socket, request: dict[str, Any]) -> dict[str, Any] | None:
+        """`migrate-out` in a thread, answered on `conn` when done: the shim's loop relays the console,
+        the DHCP answers and other requests meanwhile."""
+        import json
+        import threading
+
+        if self.sending:
+            return {"ok": False, "error": "this VM is migrating already"}
+        self.sending = True
+
+        def run() -> None:
+            try:
+                reply = self.send(request)
+            except Exception as exc:
+                reply = {"ok": False, "error": str(exc), "exit_code": 125}
+            finally:
+                self.sending = False
+            try:
+                conn.setblocking(True)
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+            conn.close()
+
+        threading.Thread(target=run, name="cocon-migrate", daemon=True).start()
+        return None
+
     def send(self, request: dict[str, Any]) -> dict[str, Any]:
         from cocon.vmm.migration import send
 
@@ -186,7 +214,8 @@ class ShimMigration:
         finally:
             for sock in sockets:
                 sock.close()
-        return {"ok": True, **result.as_dict()}
+        # CLOCK_MONOTONIC is the host's: the daemon times the hand-over from this instant
+        return {"ok": True, **result.as_dict(), "CompletedAt": result.completed_at}
 
     def resume(self) -> dict[str, Any]:
         from cocon.vmm.migration import resume_after_failed_handover

@@ -438,7 +438,7 @@ class VmShim(Shim):
         if op == "migrate-out":
             if self.status != "running":
                 return {"ok": False, "error": f"only a running VM migrates (this one is {self.status})"}
-            return self.migration.send(request)
+            return self.migration.send_later(conn, request)
         if op == "migrate-resume":
             return self.migration.resume()
         if op == "signal":

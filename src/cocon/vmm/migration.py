@@ -36,8 +36,11 @@ MAX_BANDWIDTH = 1 << 40
 
 @dataclass(frozen=True)
 class MigrationResult:
-    """What the source measured: the guest's pause (downtime), the RAM phase's wall time (QEMU's
-    total-time), the whole migration including the disk copy, and the bytes that moved."""
+    """What the source measured: the guest's pause up to the last byte sent (QEMU's downtime), the RAM
+    phase's wall time (QEMU's total-time), the whole migration including the disk copy, the bytes
+    that moved (the disk's: the size the mirror went through, unallocated ranges as zero writes), and
+    when (CLOCK_MONOTONIC) the migration was seen complete: the guest stays paused until the target
+    resumes it, which the caller times from there."""
 
     downtime_ms: int
     ram_ms: int
@@ -45,6 +48,7 @@ class MigrationResult:
     disk_ms: int
     ram_bytes: int
     disk_bytes: int
+    completed_at: float
 
     def as_dict(self) -> dict[str, int]:
         return {"DowntimeMs": self.downtime_ms, "RamMs": self.ram_ms, "TotalMs": self.total_ms,
@@ -136,7 +140,8 @@ def send(
                 raise QemuError(f"the migration {status}: {info.get('error-desc') or 'see qemu.log'}")
             if time.monotonic() > deadline:
                 raise QemuError(f"the migration did not complete within {timeout:g} s")
-            time.sleep(0.02)
+            time.sleep(0.005)  # the guest is paused from the end of this phase until the target runs it
+        completed_at = time.monotonic()
         copied = [j for j in vm.qmp("query-jobs") if j.get("id") in jobs]
         disk_bytes = sum(int(j.get("total-progress") or 0) for j in copied)
         for job in jobs:  # a ready mirror cancelled writes what is left, then stops (no switch-over)
@@ -146,7 +151,7 @@ def send(
         return MigrationResult(
             downtime_ms=int(info.get("downtime") or 0), ram_ms=int(info.get("total-time") or 0),
             total_ms=int((time.monotonic() - started) * 1000), disk_ms=int((disk_done - started) * 1000),
-            ram_bytes=int(ram.get("transferred") or 0), disk_bytes=disk_bytes,
+            ram_bytes=int(ram.get("transferred") or 0), disk_bytes=disk_bytes, completed_at=completed_at,
         )  # fmt: skip
     except BaseException:
         if migrating:

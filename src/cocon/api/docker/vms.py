@@ -423,7 +423,9 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "Id": {"type": "string"}, "Name": {"type": "string"}, "To": {"type": "string"},
-            "DowntimeMs": {"type": "integer"}, "RamMs": {"type": "integer"}, "TotalMs": {"type": "integer"},
+            "DowntimeMs": {"type": "integer", "description": "QEMU's: from the pause to the last byte"},
+            "PauseMs": {"type": "integer", "description": "the guest's whole pause, with the hand-over"},
+            "RamMs": {"type": "integer"}, "TotalMs": {"type": "integer"},
             "DiskMs": {"type": "integer"}, "RamBytes": {"type": "integer"}, "DiskBytes": {"type": "integer"},
         },
     },
