@@ -288,13 +288,9 @@ def prepare_incoming(e: Engine, doc: Any) -> dict[str, Any]:
             raise NotFound(
                 f"the image {image} of {name} is not on this daemon: pull or load it here first"
             ) from None
-    iso = source_vm.get("Iso")
-    if iso and not os.path.isfile(str(iso)):
-        raise InvalidRequest(f"the ISO {iso} of {name} is not on this machine: put it at the same path first")
     if shared and image:
         raise InvalidRequest(_SHARED_IMAGE_VM)
-    if shared and not os.path.isfile(str(source_vm.get("Disk") or "")):
-        raise InvalidRequest(f"the disk {source_vm['Disk']} is not shared with this machine (not found)")
+    _check_media(name, source_vm, shared)
     body = dict(create)
     body.pop("NetworkingConfig", None)  # the addresses are set below (any network, not only --subnet ones)
     host_config = dict(body.get("HostConfig") or {})
@@ -353,6 +349,30 @@ def prepare_incoming(e: Engine, doc: Any) -> dict[str, Any]:
         raise
     return {"Id": cid, "Nbd": reply.get("nbd"), "Migration": reply.get("migration"),
             "Exports": reply.get("exports"), "Cookie": reply.get("cookie")}  # fmt: skip
+
+
+def _check_media(name: str, source_vm: dict[str, Any], shared: bool) -> None:
+    """The files the target uses in place, checked as `cocon vm create` checks them: the ISO (never
+    copied) and, on shared storage, the disk."""
+    from cocon.storage import qemu_img
+    from cocon.storage.volumes import VolumeError
+    from cocon.vmm.errors import VmmError
+    from cocon.vmm.media import check_iso
+
+    iso, disk = source_vm.get("Iso"), str(source_vm.get("Disk") or "")
+    if iso and not os.path.isfile(str(iso)):
+        raise InvalidRequest(f"the ISO {iso} of {name} is not on this machine: put it at the same path first")
+    if shared and not os.path.isfile(disk):
+        raise InvalidRequest(f"the disk {disk or '(none)'} of {name} is not on this machine (not shared)")
+    try:
+        if iso:
+            check_iso(str(iso))
+        if shared:  # in use by the source's QEMU: read without its lock, and no file outside it
+            info = qemu_img.info(disk, force_share=True)
+            if info.format not in ("qcow2", "raw") or info.backing_file or info.data_file:
+                raise InvalidRequest(f"the disk {disk} of {name} is not a raw or qcow2 image of its own")
+    except (VolumeError, VmmError) as exc:
+        raise InvalidRequest(f"{name}: {exc}") from None
 
 
 def _seed(text: str | None) -> bytes | None:
