@@ -85,8 +85,9 @@ def build_debian_vm(base: str) -> tuple[str, str]:
 def two_hosts(base: str, env: dict[str, str] | None = None) -> Iterator[tuple[Any, Any, str, str]]:
     """(source daemon, target daemon, the target's token file, the target's URI): the target has its own
     root and its own network namespace, reached over a veth pair (a random 10.251.N.0/30, so that two
-    runs at once do not reach each other's target) as another host would be, its API on TCP with a bearer token (and on its Unix socket). Afterwards both daemons are stopped
-    and cleaned, no VM process of theirs is left, the namespace and the link are gone."""
+    runs at once do not reach each other's target) as another host would be, its API on TCP with a
+    bearer token (and on its Unix socket). Afterwards both daemons are stopped and cleaned, no VM
+    process of theirs is left, the namespace and the link are gone."""
     import secrets
     import subprocess
 
