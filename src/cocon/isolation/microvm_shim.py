@@ -1130,7 +1130,8 @@ def main(
             return _exec(root, args.id, args)
     except IsolationError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        # an exec that could not start exits as docker exec does (126: cannot be executed)
+        return exc.exit_code if cmd == "exec" else 1
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             print(f"{prog}: error: {exc.filename}: no such file", file=sys.stderr)
