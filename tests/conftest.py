@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -28,12 +29,18 @@ def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def debian_vm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """(an archive of the debian-vm:bookworm image to `cocon load`, a bootable qcow2 disk of it: copy
-    it before booting), made once per session (tests/vm_helpers.build_debian_vm)."""
+def debian_vm_build(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The Debian test guest, made once per session (tests/vm_helpers.build_debian_vm: DebianVm)."""
     from vm_helpers import build_debian_vm
 
     return build_debian_vm(str(tmp_path_factory.mktemp("debian-vm")))
+
+
+@pytest.fixture(scope="session")
+def debian_vm(debian_vm_build: Any) -> tuple[str, str]:
+    """(an archive of the debian-vm:bookworm image to `cocon load`, a bootable qcow2 disk of it: copy
+    it before booting)."""
+    return debian_vm_build.archive, debian_vm_build.disk
 
 
 @pytest.fixture

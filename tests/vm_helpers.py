@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -45,37 +46,49 @@ VM_TARBALL = os.path.join(REPO, ".cache", "debootstrap-bookworm-vm.tgz")
 DEBIAN_VM_IMAGE = "debian-vm:bookworm"
 
 
-def build_debian_vm(base: str) -> tuple[str, str]:
+@dataclass
+class DebianVm:
+    """What build_debian_vm made: the image's archive (to `cocon load`), its bootable disk (copy it
+    before booting), the builder's image store root, the exported root file system, the disk's
+    description (cocon.vmm.guest_images.BootableDisk) and the progress make_bootable_disk reported."""
+
+    archive: str
+    disk: str
+    root: str
+    rootfs: str
+    bootable: Any
+    events: list[tuple[str, int, int]]
+
+
+def build_debian_vm(base: str) -> DebianVm:
     """`cocon image bootstrap debian-vm` (offline, from the set-up's tarball) in a daemon of its own,
     saved as an archive that test daemons `cocon load`; and that image made into a disk that boots on
-    its own through GRUB (BIOS and UEFI). Returns (archive, disk); the daemon is gone afterwards."""
-    import shutil
+    its own through GRUB (BIOS and UEFI). The daemon is gone afterwards; its image store stays."""
     import subprocess
-    import tempfile
 
+    from cli_helpers import COCON
     from cocon.images.store import ImageStore
     from cocon.vmm.guest_images import export_rootfs, make_bootable_disk
     from daemon_helpers import start_daemon, stop_and_clean
 
     archive, disk = os.path.join(base, "debian-vm.tar"), os.path.join(base, "debian-vm.qcow2")
+    rootfs = os.path.join(base, "rootfs")
+    events: list[tuple[str, int, int]] = []
     d = start_daemon(base)
     try:
         for argv in (["image", "bootstrap", "debian-vm", "--tarball", VM_TARBALL],
                      ["save", "-o", archive, DEBIAN_VM_IMAGE]):  # fmt: skip
-            from cli_helpers import COCON
-
             proc = subprocess.run([COCON, *argv], env=d.env, capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc
         store = ImageStore(d.root)
-        work = tempfile.mkdtemp(dir=base)
         try:
-            export_rootfs(store, store.resolve(DEBIAN_VM_IMAGE), os.path.join(work, "rootfs"))
-            make_bootable_disk(os.path.join(work, "rootfs"), disk, size="3G")
+            export_rootfs(store, store.resolve(DEBIAN_VM_IMAGE), rootfs)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            store.close()
+        bootable = make_bootable_disk(rootfs, disk, size="3G", progress=lambda *e: events.append(e))
     finally:
         stop_and_clean(d)
-    return archive, disk
+    return DebianVm(archive, disk, d.root, rootfs, bootable, events)
 
 
 # --- two daemons, the second as another host would be (for live migration) ---------------------------

@@ -2,7 +2,7 @@
 scripts/debian-vm-tarball.sh), turned into a GPT disk that GRUB boots under SeaBIOS and OVMF, and a
 grub-mkrescue ISO; each booted with a hand-written QEMU command line under TCG.
 
-The image, its root file system and the disk are made once for the module. Every QEMU this file
+The image, its root file system and the disk are the session's (conftest's debian_vm_build). Every QEMU this file
 starts has the test's tmp_path in its command line; it is killed when its boot ends (also on
 failure) and `no_qemu_left` kills and fails on any still running. Boot and build times are printed
 (run with -s to see them) and kept in TIMES."""
@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -28,8 +29,6 @@ from cocon.vmm.guest_images import (
     ROOT_LABEL,
     BootableDisk,
     GuestImageError,
-    bootstrap_debian_vm,
-    export_rootfs,
     find_kernel,
     initramfs_modules,
     make_boot_iso,
@@ -40,7 +39,6 @@ from vm_helpers import kill_processes
 
 pytestmark = pytest.mark.timeout(1500)
 
-VM_TARBALL = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "debootstrap-bookworm-vm.tgz")
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 BOOT_TIMEOUT = 300.0
@@ -63,29 +61,15 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    assert os.path.isfile(VM_TARBALL), (
-        f"{VM_TARBALL} is missing: run `make setup` (scripts/debian-vm-tarball.sh)"
-    )
-    base = tmp_path_factory.mktemp("guest-images")
-    store = ImageStore(str(base / "images"))
+def built(debian_vm_build: Any) -> Iterator[Built]:
+    """The session's Debian guest (tests/vm_helpers.build_debian_vm: `cocon image bootstrap debian-vm`,
+    which runs bootstrap_debian_vm, then export_rootfs and make_bootable_disk), read here."""
+    store = ImageStore(debian_vm_build.root)
     try:
-        started = time.monotonic()
-        image = bootstrap_debian_vm(store, tarball=VM_TARBALL)
-        _note("bootstrap_debian_vm (offline, from the tarball)", time.monotonic() - started)
-        rootfs = str(base / "rootfs")
-        started = time.monotonic()
-        export_rootfs(store, image, rootfs)
-        _note("export_rootfs", time.monotonic() - started)
-        events: list[tuple[str, int, int]] = []
-        started = time.monotonic()
-        disk = make_bootable_disk(rootfs, str(base / "debian.qcow2"), progress=lambda *e: events.append(e))
-        _note("make_bootable_disk (qcow2)", time.monotonic() - started)
-        yield Built(store, image, rootfs, disk, events)
+        image = store.resolve(DEFAULT_VM_IMAGE)
+        yield Built(store, image, debian_vm_build.rootfs, debian_vm_build.bootable, debian_vm_build.events)
     finally:
-        kill_processes(str(base))
         store.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
