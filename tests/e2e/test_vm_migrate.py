@@ -210,3 +210,45 @@ def test_a_disk_vm_moves_on_shared_storage_and_back_with_a_copy(
     finally:
         cocon(source, "rm", "-f", name, check=False)
         cocon(target, "rm", "-f", name, check=False)
+
+
+def test_a_target_that_dies_midway_leaves_the_vm_running_here(hosts: tuple[Daemon, Daemon, str, str]) -> None:
+    """The target's QEMU is killed as soon as it listens for the migration (while the disk is being
+    copied): the source gives up, tells the target to drop the instance, and its guest counts on."""
+    import threading
+
+    source, target, _, _ = hosts
+    name = "survivor"
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def migration_sockets() -> list[str]:  # next to the shims' state, under the target's run dir
+        return [n for _, _, files in os.walk(target.run) for n in files if n.startswith("mig-")]
+
+    def kill_the_target_qemu() -> None:
+        while not stop.is_set():
+            if any(n.endswith("-ram.sock") for n in migration_sockets()):
+                killed.extend(kill_processes(target.run))
+                return
+            time.sleep(0.005)
+
+    try:
+        cocon(source, "run", "-d", "--name", name, "--isolation", "vm", "busybox", "sh", "-c", COUNTER)
+        wait_for(lambda: len(ticks(source, name)) >= 1, "the counter never started")
+        watcher = threading.Thread(target=kill_the_target_qemu, daemon=True)
+        watcher.start()
+        p = cocon(source, "vm", "migrate", name, "--to", f"unix://{target.sock}", check=False)
+        stop.set()
+        watcher.join(5)
+        assert killed, "the target's QEMU was never seen listening"
+        assert p.returncode != 0 and "failed" in p.stderr and f"{name} runs on here" in p.stderr, p
+        count = len(ticks(source, name))
+        wait_for(lambda: len(ticks(source, name)) > count, "the VM stopped counting after the failure")
+        assert json.loads(cocon(source, "inspect", name).stdout)[0]["State"]["Running"] is True
+        assert cocon(target, "ps", "-a", "-q").stdout.strip() == ""  # the incoming instance is gone
+        assert kill_processes(target.run) == []
+        assert migration_sockets() == []  # nor its sockets
+    finally:
+        stop.set()
+        cocon(source, "rm", "-f", name, check=False)
+        cocon(target, "rm", "-f", name, check=False)

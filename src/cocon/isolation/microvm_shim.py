@@ -185,9 +185,17 @@ def delete(root: str, cid: str, *, force: bool = False) -> None:
         deadline = time.monotonic() + 5
         while _alive(int(doc.get("pid") or 0), doc.get("pid_start")) and time.monotonic() < deadline:
             time.sleep(0.01)
+    import glob
     import shutil
 
     shutil.rmtree(directory, ignore_errors=True)
+    # what a VM shim killed during a migration left (cocon.isolation.vm_migration: short paths, next
+    # to the state directories, since a Unix socket's path is limited to 107 bytes)
+    for leftover in glob.glob(os.path.join(root, f"mig-{cid[:12]}-*.sock")):
+        try:
+            os.unlink(leftover)
+        except FileNotFoundError:
+            pass
 
 
 def assets_root() -> str:

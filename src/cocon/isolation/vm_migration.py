@@ -148,6 +148,7 @@ class ShimMigration:
         self.shim.sel.unregister(self.stream_listener)
         self.stream_listener.close()
         self.stream_listener = None
+        self._unlink_paths()  # the source is connected (its NBD connections came first): no new clients
 
     def finish(self) -> dict[str, Any]:
         from cocon.vmm.migration import finish_incoming
@@ -233,6 +234,9 @@ class ShimMigration:
                     pass
                 sock.close()
         self.stream_listener = self.nbd_listener = None
+        self._unlink_paths()
+
+    def _unlink_paths(self) -> None:
         for path in self.paths:
             try:
                 os.unlink(path)
