@@ -201,16 +201,16 @@ class ShimMigration:
             return {"ok": False, "error": "migrate-out needs the target's cookie and exports"}
         sockets: list[socket.socket] = []
         try:
-            disks: dict[str, int] = {}
-            for node in exports:
+            # node → (a connection to the NBD server, the export to ask for on it)
+            disks: dict[str, tuple[int, str]] = {}
+            for node, export in exports.items():
                 sock = self._connect(request["nbd"])
                 sockets.append(sock)
-                disks[str(node)] = sock.fileno()
-            # the NBD client names the export it wants when it connects: QMP blockdev-add's "export"
+                disks[str(node)] = (sock.fileno(), str(export))
             stream = self._connect(request["migration"])
             sockets.append(stream)
             stream.sendall(cookie)
-            result = send(self.shim.vm, _exports_by_node(disks, exports), stream.fileno(),
+            result = send(self.shim.vm, disks, stream.fileno(),
                           downtime_limit_ms=int(request.get("downtime_limit_ms") or 300))  # fmt: skip
         finally:
             for sock in sockets:
@@ -243,7 +243,3 @@ class ShimMigration:
             except FileNotFoundError:
                 pass
         self.paths = []
-
-
-def _exports_by_node(disks: dict[str, int], exports: dict[str, Any]) -> dict[str, tuple[int, str]]:
-    return {node: (fd, str(exports[node])) for node, fd in disks.items()}

@@ -164,8 +164,8 @@ class VmShim(Shim):
         self.errors = _connect(serial[2]) if len(serial) > 2 else None
         self.control_buffer = b""
         self.command_exit: int | None = None
-        #: "cmd" mode: console input and control requests held until the guest's init listens
-        #: (a migrating guest is past that point)
+        #: "cmd" mode: console input and control requests held until the guest's init listens (an
+        #: incoming guest listens already: it ran at the source)
         self.pending: list[tuple[str, bytes]] | None = (
             [] if self.control_line is not None and not self.incoming else None
         )
@@ -431,9 +431,10 @@ class VmShim(Shim):
             return self.migration.listen(request)
         if op == "migrate-finish":
             reply = self.migration.finish()
-            self.incoming = False
-            self.status = "running"
-            self._save_state()
+            if reply.get("ok"):
+                self.incoming = False
+                self.status = "running"
+                self._save_state()
             return reply
         if op == "migrate-out":
             if self.status != "running":
@@ -445,6 +446,8 @@ class VmShim(Shim):
             self._deliver(int(request.get("signal", 15)))
             return {"ok": True}
         if op in ("pause", "resume"):
+            if self.incoming and self.vm.qmp("query-migrate").get("status") != "completed":
+                return {"ok": False, "error": "a VM is migrating here: it runs once the source hands over"}
             self.vm.qmp("stop" if op == "pause" else "cont")
             self.status = "paused" if op == "pause" else "running"
             self._save_state()
