@@ -26,7 +26,7 @@ def test_target_addresses() -> None:
     assert parse_peer("tcp://[2001:db8::7]:2376/") == PeerAddress("tcp", host="2001:db8::7", port=2376)
     assert str(parse_peer("tcp://[2001:db8::7]:2376")) == "tcp://[2001:db8::7]:2376"
     for bad, hint in (("unix://relative.sock", "absolute"), ("tcp://host", "ADDR:PORT"),
-                      ("tcp://host:99999", "ADDR:PORT"), ("ssh://host", "unix:///PATH")):  # fmt: skip
+                      ("tcp://host:99999", "ADDR:PORT"), ("ssh://host", "unix:///path")):  # fmt: skip
         with pytest.raises(InvalidRequest, match=hint):
             parse_peer(bad)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
+from cocon._daemon_address import DaemonAddress, parse_daemon_address
 from cocon._typing import TYPE_CHECKING, record
 
 if TYPE_CHECKING:
@@ -59,34 +60,16 @@ def default_socket(run_dir: str) -> str:
     return os.path.join(run_dir, SOCKET_NAME)
 
 
-@record
-class Listener:
-    kind: str  # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"unix://{self.path}" if self.kind == "unix" else f"tcp://{self.host}:{self.port}"
+#: A listener of `-H`: its kind ("unix" or "tcp"), path, host and port.
+Listener = DaemonAddress
 
 
 def parse_host(text: str) -> Listener:
     """`unix:///path`, `tcp://ADDR:PORT` (IPv6 as `tcp://[::1]:2376`)."""
-    if text.startswith("unix://"):
-        path = text[len("unix://") :]
-        if not path.startswith("/"):
-            raise DaemonError(f"-H {text}: give an absolute socket path, e.g. unix:///run/cocon/cocon.sock")
-        return Listener("unix", path=path)
-    if text.startswith("tcp://"):
-        rest = text[len("tcp://") :].rstrip("/")
-        if rest.startswith("["):
-            host, _, port_text = rest[1:].partition("]:")
-        else:
-            host, _, port_text = rest.rpartition(":")
-        if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise DaemonError(f"-H {text}: give tcp://ADDR:PORT, e.g. tcp://127.0.0.1:2376")
-        return Listener("tcp", host=host, port=int(port_text))
-    raise DaemonError(f"-H {text}: use unix:///path or tcp://ADDR:PORT")
+    try:
+        return parse_daemon_address(text)
+    except ValueError as exc:
+        raise DaemonError(f"-H {text}: {exc}") from None
 
 
 @record

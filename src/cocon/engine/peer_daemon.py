@@ -20,6 +20,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from cocon._daemon_address import DaemonAddress, parse_daemon_address
 from cocon.engine.errors import InvalidRequest
 
 
@@ -31,34 +32,16 @@ class PeerError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class PeerAddress:
-    transport: str  # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        if self.transport == "unix":
-            return f"unix://{self.path}"
-        return f"tcp://[{self.host}]:{self.port}" if ":" in self.host else f"tcp://{self.host}:{self.port}"
+#: Where the other daemon is (cocon._daemon_address: kind "unix" with a path, or "tcp").
+PeerAddress = DaemonAddress
 
 
 def parse_peer(uri: str) -> PeerAddress:
     """`unix:///PATH` or `tcp://ADDR:PORT` (IPv6 as `tcp://[::1]:2376`); InvalidRequest otherwise."""
-    if uri.startswith("unix://"):
-        path = uri[len("unix://") :]
-        if not path.startswith("/"):
-            raise InvalidRequest(f"--to {uri}: give the daemon's socket as unix:///PATH (an absolute path)")
-        return PeerAddress("unix", path=path)
-    if uri.startswith("tcp://"):
-        rest = uri[len("tcp://") :].rstrip("/")
-        host, sep, port = rest.rpartition(":")
-        host = host.strip("[]")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidRequest(f"--to {uri}: give tcp://ADDR:PORT, e.g. tcp://192.0.2.7:2376")
-        return PeerAddress("tcp", host=host, port=int(port))
-    raise InvalidRequest(f"--to {uri}: use unix:///PATH (a daemon on this machine) or tcp://ADDR:PORT")
+    try:
+        return parse_daemon_address(uri)
+    except ValueError as exc:
+        raise InvalidRequest(f"--to {uri}: {exc}") from None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -111,7 +94,7 @@ class PeerDaemon:
         self._context = tls.context() if tls is not None else None
 
     def call(self, method: str, path: str, doc: Any = None, *, timeout: float = 300.0) -> Any:
-        if self.address.transport == "unix":
+        if self.address.kind == "unix":
             conn: http.client.HTTPConnection = _UnixConnection(self.address.path, timeout)
         elif self._context is not None:
             conn = http.client.HTTPSConnection(

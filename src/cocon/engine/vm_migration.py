@@ -132,7 +132,7 @@ def migrate_vm(e: Engine, ref: str, doc: Any) -> dict[str, Any]:
     peer = PeerDaemon(address, token=doc.get("Token") or None, tls=_tls(doc, address))
     incoming = {
         "Name": rec.name, "Image": rec.image or "", "Create": rec.config["Create"], "VM": settings,
-        "Networks": _addresses(e, rec), "Disks": disks, "Transport": address.transport,
+        "Networks": _addresses(e, rec), "Disks": disks, "Transport": address.kind,
         "Host": address.host, "SharedStorage": shared,
     }  # fmt: skip
     if settings.get("Seed"):
@@ -183,7 +183,7 @@ def _tls(doc: dict[str, Any], address: Any) -> Any:
     given = [doc.get(k) for k in ("TlsCaCert", "TlsCert", "TlsKey")]
     if not any(given):
         return None
-    if not all(given) or address.transport != "tcp":
+    if not all(given) or address.kind != "tcp":
         raise InvalidRequest(
             "TLS to the target needs all of --tlscacert, --tlscert and --tlskey, and a tcp:// target"
         )
