@@ -5,13 +5,11 @@ COCON_RUN (the root holds busybox:latest), a raw HTTP client over its Unix socke
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -22,20 +20,9 @@ from typing import Any
 
 from cli_helpers import COCON, kill_prestarted, new_root_with_busybox, reset_network, unmount_all
 from cocon.api.http_client import HTTPClient
+from cocon.engine.peer_daemon import UnixHTTPConnection
 
 DOCKER = shutil.which("docker") or "/usr/bin/docker"
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.path)
-        self.sock = sock
 
 
 @dataclass

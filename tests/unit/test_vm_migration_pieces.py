@@ -15,15 +15,16 @@ from typing import Any
 
 import pytest
 
+from cocon._daemon_address import DaemonAddress
 from cocon.engine.errors import InvalidRequest
-from cocon.engine.peer_daemon import PeerAddress, PeerDaemon, PeerError, parse_peer
+from cocon.engine.peer_daemon import PeerDaemon, PeerError, parse_peer
 from cocon.engine.vm_migration import INCOMING_FIELDS, MAX_SEED, MIGRATE_FIELDS, _check_fields, _seed
 
 
 def test_target_addresses() -> None:
-    assert parse_peer("unix:///run/other/cocon.sock") == PeerAddress("unix", path="/run/other/cocon.sock")
-    assert parse_peer("tcp://192.0.2.7:2376") == PeerAddress("tcp", host="192.0.2.7", port=2376)
-    assert parse_peer("tcp://[2001:db8::7]:2376/") == PeerAddress("tcp", host="2001:db8::7", port=2376)
+    assert parse_peer("unix:///run/other/cocon.sock") == DaemonAddress("unix", path="/run/other/cocon.sock")
+    assert parse_peer("tcp://192.0.2.7:2376") == DaemonAddress("tcp", host="192.0.2.7", port=2376)
+    assert parse_peer("tcp://[2001:db8::7]:2376/") == DaemonAddress("tcp", host="2001:db8::7", port=2376)
     assert str(parse_peer("tcp://[2001:db8::7]:2376")) == "tcp://[2001:db8::7]:2376"
     for bad, hint in (("unix://relative.sock", "absolute"), ("tcp://host", "ADDR:PORT"),
                       ("tcp://host:99999", "ADDR:PORT"), ("ssh://host", "unix:///path")):  # fmt: skip

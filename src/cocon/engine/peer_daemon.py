@@ -32,11 +32,7 @@ class PeerError(Exception):
         self.status = status
 
 
-#: Where the other daemon is (cocon._daemon_address: kind "unix" with a path, or "tcp").
-PeerAddress = DaemonAddress
-
-
-def parse_peer(uri: str) -> PeerAddress:
+def parse_peer(uri: str) -> DaemonAddress:
     """`unix:///PATH` or `tcp://ADDR:PORT` (IPv6 as `tcp://[::1]:2376`); InvalidRequest otherwise."""
     try:
         return parse_daemon_address(uri)
@@ -44,7 +40,9 @@ def parse_peer(uri: str) -> PeerAddress:
         raise InvalidRequest(f"--to {uri}: {exc}") from None
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a daemon's Unix socket."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("cocon", timeout=timeout)
         self.path = path
@@ -87,7 +85,9 @@ class PeerTls:
 class PeerDaemon:
     """JSON requests to the daemon at `address`."""
 
-    def __init__(self, address: PeerAddress, *, token: str | None = None, tls: PeerTls | None = None) -> None:
+    def __init__(
+        self, address: DaemonAddress, *, token: str | None = None, tls: PeerTls | None = None
+    ) -> None:
         self.address = address
         self.token = token
         self.tls = tls
@@ -95,7 +95,7 @@ class PeerDaemon:
 
     def call(self, method: str, path: str, doc: Any = None, *, timeout: float = 300.0) -> Any:
         if self.address.kind == "unix":
-            conn: http.client.HTTPConnection = _UnixConnection(self.address.path, timeout)
+            conn: http.client.HTTPConnection = UnixHTTPConnection(self.address.path, timeout)
         elif self._context is not None:
             conn = http.client.HTTPSConnection(
                 self.address.host, self.address.port, timeout=timeout, context=self._context

@@ -79,7 +79,7 @@ def accept_incoming(vm: Qemu, stream_fd: int) -> None:
 def finish_incoming(vm: Qemu, *, exported: bool, timeout: float = 120.0) -> None:
     """The source has handed over (its migration completed, its mirrors flushed): wait until this side
     has loaded everything, stop the NBD exports and run the guest."""
-    _wait_migration(vm, "the incoming migration", time.monotonic() + timeout)
+    vm.wait_for_migration("the incoming migration", time.monotonic() + timeout)
     if exported:
         vm.qmp("nbd-server-stop")  # its exports go with it
     vm.qmp("cont")
@@ -121,7 +121,7 @@ def send(
         vm.pass_fd("mig-out", stream_fd)
         vm.qmp("migrate", {"uri": "fd:mig-out"})
         migrating = True
-        info = _wait_migration(vm, "the migration", deadline)
+        info = vm.wait_for_migration("the migration", deadline)
         completed_at = time.monotonic()
         copied = [j for j in vm.qmp("query-jobs") if j.get("id") in jobs]
         disk_bytes = sum(int(j.get("total-progress") or 0) for j in copied)
@@ -155,22 +155,6 @@ def resume_after_failed_handover(vm: Qemu) -> None:
     its disks back)."""
     if _status(vm) in ("postmigrate", "paused", "finish-migrate"):
         vm.qmp("cont")
-
-
-def _wait_migration(vm: Qemu, what: str, deadline: float) -> dict[str, Any]:
-    """Poll query-migrate until it completes (its last answer); QemuError when it fails or the deadline
-    passes. Polled often: at the source the guest is paused from the end of the RAM phase until the
-    target runs it."""
-    while True:
-        info: dict[str, Any] = vm.qmp("query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return info
-        if status in ("failed", "cancelled"):
-            raise QemuError(f"{what} {status}: {info.get('error-desc') or 'see qemu.log'}")
-        if time.monotonic() > deadline:
-            raise QemuError(f"{what} did not complete in time (status {status})")
-        time.sleep(0.005)
 
 
 def _wait_jobs(vm: Qemu, jobs: Sequence[str], state: str, deadline: float, failed_ok: bool = False) -> None:

@@ -529,6 +529,22 @@ class Qemu:
             self._check_alive("while passing a file descriptor")
             raise QemuError(f"cannot pass {name} to QEMU: {exc}") from exc
 
+    def wait_for_migration(self, what: str, deadline: float) -> dict[str, Any]:
+        """Poll query-migrate until the migration completes (its last answer, with downtime, total-time
+        and ram); QemuError with QEMU's reason and log tail when it fails, or when the monotonic
+        `deadline` passes. Polled often: a guest is paused at the end of a migration."""
+        while True:
+            info: dict[str, Any] = self.qmp("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"{what} {status}: {info.get('error-desc') or 'no reason given'}",
+                                log_tail=self.log_tail())  # fmt: skip
+            if time.monotonic() > deadline:
+                raise QemuError(f"{what} did not complete in time (status {status})")
+            time.sleep(0.005)
+
     def status(self) -> str:
         """The VM's run state from query-status: "running", "paused", "shutdown", …"""
         return str(self.qmp("query-status")["status"])

@@ -431,20 +431,10 @@ class TemplateStore:
 
     @staticmethod
     def _wait_migration(vm: Qemu, timeout: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            info: dict[str, Any] = vm.qmp("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                return info
-            if status in ("failed", "cancelled"):
-                raise TemplateError(
-                    f"the {what} migration {status}: {info.get('error-desc', 'no reason given')}",
-                    log_tail=vm.log_tail(),
-                )
-            if time.monotonic() > deadline:
-                raise TemplateError(f"the {what} migration did not finish within {timeout:g} s")
-            time.sleep(0.005)
+        try:
+            return vm.wait_for_migration(f"the {what} migration", time.monotonic() + timeout)
+        except QemuError as exc:
+            raise TemplateError(str(exc), log_tail=exc.log_tail) from None
 
     @staticmethod
     def _check(key: TemplateKey, config: MachineConfig) -> None:
